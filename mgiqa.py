@@ -205,3 +205,317 @@ def load_image(image):
         return image.convert("RGB")
     except (OSError, ValueError) as err:
         raise ImageLoadError(f"{name}: cannot convert image of mode {image.mode} to RGB ({err})") from None
+
+
+# ----------------------------------------------------------------------------- a tiny offline VLM
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL's chat template, reduced to what image+text messages need (same rendering).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SIZES = {
+    # text: hidden, layers, heads, kv heads, mlp; vision: hidden, depth, heads, mlp; vocab
+    "tiny": dict(hidden=64, layers=2, heads=4, kv=2, mlp=128, v_hidden=32, v_depth=2, v_heads=2, v_mlp=64, vocab=768),
+    "small": dict(hidden=512, layers=8, heads=8, kv=4, mlp=1536, v_hidden=256, v_depth=4, v_heads=4, v_mlp=768, vocab=2048),
+}
+
+
+def _tokenizer_corpus(seed: int) -> list[str]:
+    """Text the in-process BPE learns from: the prompts, the answer layouts and some prose, so
+    the prompt's phrases become merges and prompts stay short."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["blurry", "noisy", "dull", "offcentre", "clean", "sharp", "natural", "grain", "cast",
+             "subject", "frame", "edges", "detail", "the", "image", "is", "quality", "looks", "and", "good"]
+    corpus = [build_prompt(True), build_prompt(False)] * 20
+    for _ in range(400):
+        values = [f"{rng.uniform(1, 5):.2f}" if rng.random() < 0.5 else str(rng.randint(1, 5)) for _ in ATTRIBUTES]
+        answer = "{" + ", ".join(f'"{a}": {v}' for a, v in zip(ATTRIBUTES, values)) + "}"
+        think = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        corpus.append(f"<think>{think}</think><answer>{answer}</answer>")
+        corpus.append(f"<answer>{answer}</answer>")
+    return corpus
+
+
+def tiny_tokenizer(vocab_size: int = 768, seed: int = 0):
+    """A byte-level BPE tokenizer trained in-process, with Qwen's special tokens; digits are
+    always single tokens (as Qwen2's pre-tokenizer does), so a score 1-5 is one token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\d|<\|[a-z_]+\|>"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tokenizer_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left", chat_template=CHAT_TEMPLATE,
+                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                         "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+
+
+def tiny_vlm(seed: int = 0, size: str = "tiny"):
+    """A randomly initialised Qwen2.5-VL built from a config, with its processor. No file or
+    network access; the same seed gives the same weights and tokenizer."""
+    import torch
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    if size not in SIZES:
+        raise ValueError(f"tiny_vlm size must be one of {sorted(SIZES)}, got {size!r}")
+    s = SIZES[size]
+    tokenizer = tiny_tokenizer(s["vocab"], seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = s["hidden"] // s["heads"]
+    section = head_dim * 3 // 16  # mrope (t, h, w) sections sum to head_dim / 2, in Qwen's 16:24:24 proportion
+    text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                max_position_embeddings=4096, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "mrope_section": [head_dim // 2 - 2 * section, section, section], "rope_theta": 10000.0},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=s["v_depth"], hidden_size=s["v_hidden"], intermediate_size=s["v_mlp"], num_heads=s["v_heads"],
+                  out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=112, fullatt_block_indexes=[s["v_depth"] - 1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], bos_token_id=ids["<|endoftext|>"],
+                              eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]
+    # Small images stay small: 28x28-pixel units, from 56x56 up to 448x448.
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=448 * 448)
+    video_processor = Qwen2VLVideoProcessor()
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                    video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+# ----------------------------------------------------------------------------- loading real checkpoints
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+def _resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def apply_adapter(model, adapter_dir: str | os.PathLike) -> None:
+    """Merge LoRA weights saved in PEFT's layout (adapter_config.json, adapter_model.safetensors,
+    keys `base_model.model.<module>.lora_A.weight`) into the model: W += alpha / r * B @ A."""
+    import torch
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; an adapter folder holds adapter_config.json and adapter_model.safetensors")
+    config = json.loads(config_path.read_text())
+    scale = float(config["lora_alpha"]) / float(config["r"])
+    weights = load_file(str(weights_path))
+    modules = dict(model.named_modules())
+    names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"{weights_path}: adapter targets {name!r}, which this model does not have")
+        linear = modules[name]
+        a = weights[f"base_model.model.{name}.lora_A.weight"].float()
+        b = weights[f"base_model.model.{name}.lora_B.weight"].float()
+        with torch.no_grad():
+            linear.weight += (scale * b @ a).to(linear.weight.dtype)
+
+
+def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: str | None = None, max_pixels: int | None = None):
+    """Any Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local folder or hub id), or "tiny" /
+    "small" for tiny_vlm. Returns (model, processor) in eval mode, left padding for batching."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    if name_or_path in SIZES:
+        model, processor = tiny_vlm(0, name_or_path)
+    else:
+        path = str(name_or_path)
+        looks_local = os.path.isabs(path) or path.startswith(".") or os.sep in path.strip("/") and path.count("/") != 1
+        if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: no config.json there, so it is not a model checkpoint folder")
+        if not os.path.exists(path) and looks_local:
+            raise FileNotFoundError(f"{path}: no such model folder")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        except OSError as err:
+            raise FileNotFoundError(f"{path}: cannot load a model config ({str(err).splitlines()[0]})") from None
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{path}: model type {config.model_type!r} is not a supported VLM "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        target = _resolve_device(device)
+        torch_dtype = (torch.bfloat16 if target.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False).eval()
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    processor.tokenizer.padding_side = "left"
+    if max_pixels is not None:
+        processor.image_processor.max_pixels = max_pixels
+        processor.image_processor.size = {**dict(processor.image_processor.size or {}), "longest_edge": max_pixels}
+    if adapter is not None:
+        apply_adapter(model, adapter)
+    target = _resolve_device(device)
+    if dtype != "auto" and name_or_path in SIZES:
+        model = model.to(getattr(torch, dtype))
+    return model.to(target), processor
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def banned_token_ids(processor) -> list[int]:
+    """Special tokens a completion must never contain (a sampled <|image_pad|> breaks the next
+    forward: "Image features and image tokens do not match")."""
+    tok = processor.tokenizer
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|vision_pad|>"]
+    ids = [tok.convert_tokens_to_ids(n) for n in names if n in tok.get_vocab()]
+    return sorted({i for i in ids if i is not None and i != tok.unk_token_id})
+
+
+def prompt_text(processor, thinking: bool = True) -> str:
+    return processor.apply_chat_template(build_messages(thinking), add_generation_prompt=True, tokenize=False)
+
+
+def eos_ids(model, processor) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    eos.append(processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return sorted({int(e) for e in eos if e is not None and e >= 0})
+
+
+def decode_completions(processor, sequences, eos: list[int]) -> list[str]:
+    """Token rows -> text, each cut at its first EOS (what follows is padding)."""
+    texts = []
+    for row in sequences.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        texts.append(processor.tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts
+
+
+def score(model, processor, images, thinking: bool = True, batch_size: int = 8, num_samples: int = 1,
+          temperature: float = 0.0, max_new_tokens: int | None = None, progress: bool = False) -> list[dict]:
+    """Score images (paths or PIL images) in batches; results in input order.
+
+    Each result: the five scores (lenient parse, clipped to [1, 5], NaN if missing; the mean over
+    samples), `std` per key when num_samples > 1, `reasoning`, `completion` (the first sample's
+    raw text), `completions`, `strict` (every sample in the exact layout) and `strict_rate`.
+    Greedy when temperature == 0, so repeated calls give identical scores."""
+    import numpy as np
+    import torch
+
+    if max_new_tokens is None:
+        max_new_tokens = 256 if thinking else 64
+    if num_samples > 1 and temperature <= 0:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be equal)")
+    images = list(images)
+    text = prompt_text(processor, thinking)
+    eos = eos_ids(model, processor)
+    banned = banned_token_ids(processor)
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=True, temperature=temperature, top_k=None, top_p=None) if temperature > 0 else dict(do_sample=False)
+    results = []
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="scoring", unit="batch")
+    for start in starts:
+        chunk = images[start:start + batch_size]
+        pil = [load_image(im) for im in chunk]
+        enc = processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                                 eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id,
+                                 suppress_tokens=banned or None, **sampling)
+        completions = decode_completions(processor, out[:, enc["input_ids"].shape[1]:], eos)
+        for i, image in enumerate(chunk):
+            samples = completions[i * num_samples:(i + 1) * num_samples]
+            parsed = np.array([[parse_answer(c)[a] for a in ATTRIBUTES] for c in samples])  # (S, A)
+            strict = [parse_answer(c, strict=True, thinking=thinking) is not None for c in samples]
+            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(parsed, axis=0)
+                std = np.nanstd(parsed, axis=0, ddof=1) if num_samples > 1 else None
+            result = {"image": image if isinstance(image, str) else getattr(image, "filename", "") or f"<image {start + i}>"}
+            result.update({a: float(mean[j]) for j, a in enumerate(ATTRIBUTES)})
+            if std is not None:
+                result["std"] = {a: float(std[j]) for j, a in enumerate(ATTRIBUTES)}
+            result.update(reasoning=reasoning_text(samples[0]), completion=samples[0], completions=samples,
+                          strict=all(strict), strict_rate=sum(strict) / len(strict))
+            results.append(result)
+    return results
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Score image quality (sharpness, color, noise, composition, overall) with a VLM.")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id; 'tiny' or 'small' for an untrained offline model")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder written by grpo.py (PEFT layout)")
+    parser.add_argument("--fast", action="store_true", help="no reasoning, only the answer (non-thinking prompt)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per image, with the reasoning")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    good, failed = [], 0
+    for path in args.images:
+        try:
+            good.append((path, load_image(path)))
+        except ImageLoadError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+    if args.model in SIZES:
+        print(f"note: --model {args.model} is an untrained random model: its scores are noise.", file=sys.stderr)
+    try:
+        model, processor = load(args.model, device=args.device, adapter=args.adapter)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = score(model, processor, [im for _, im in good], thinking=not args.fast,
+                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens) if good else []
+    if not args.json:
+        print(f"{'image':40s} " + " ".join(f"{a:>11s}" for a in ATTRIBUTES) + "  parse")
+    for (path, _), result in zip(good, results):
+        result["image"] = path
+        if args.json:
+            print(json.dumps({k: v for k, v in result.items() if k != "completions"}))
+        else:
+            print(f"{path[-40:]:40s} " + " ".join(f"{result[a]:11.2f}" for a in ATTRIBUTES)
+                  + ("  strict" if result["strict"] else "  lenient"))
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
