@@ -169,14 +169,15 @@ def trl_reward(prompts, completions, image_id, *, weights=None, w_format: float 
     attributes (`mos` for overall also accepted); a missing column leaves that attribute unsupervised.
     Configure with functools.partial(trl_reward, thinking=False, ...).
     """
-    if len(completions) != len(image_id):
+    if not completions or len(completions) != len(image_id):
         raise ValueError(f"reward.trl_reward: {len(completions)} completions but {len(image_id)} image_id values")
     order: dict = {}
     img = [order.setdefault(i, len(order)) for i in image_id]              # image of each row
     B = len(order)
     slot, seen, first = [], [0] * B, [0] * B                               # rollout index; rows per image; first row
     for row, b in enumerate(img):
-        first[b] = row if seen[b] == 0 else first[b]
+        if seen[b] == 0:
+            first[b] = row
         slot.append(seen[b])
         seen[b] += 1
     K = max(seen)

@@ -2,15 +2,12 @@
 import math
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mgiqa import ATTRIBUTES  # noqa: E402
-from reward import (DEFAULT_WEIGHTS, FAMILY_TO_ATTRIBUTE, format_reward, group_advantages,  # noqa: E402
+from mgiqa import ATTRIBUTES
+from reward import (DEFAULT_WEIGHTS, FAMILY_TO_ATTRIBUTE, format_reward, group_advantages,
                     metadata_preferences, mg_reward, preference_matrix, thurstone_fidelity, trl_reward)
 
 EPS = 1e-6
