@@ -199,6 +199,10 @@ def expand_features(features, K: int):
     return BaseModelOutputWithPooling(pooler_output=tuple(f for f in features.pooler_output for _ in range(K)))
 
 
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.model.language_model.modules())
+
+
 def lm_hidden(model, input_ids, attention_mask, positions, features=None, cache=None):
     """Last hidden states (R, T, D) of the language model, image features scattered in."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -293,6 +297,11 @@ def completion_logprobs(model, p: Prompts, K, ids, mask, temperature=1.0, banned
 
     B, Tc = p.input_ids.shape[0], ids.shape[1]
     offsets = torch.arange(Tc, device=ids.device)
+    if shared_prefix and torch.is_grad_enabled() and model.training and _checkpointing(model):
+        # HF's gradient checkpointing drops the KV cache inside checkpointed decoder layers while
+        # grad is on (transformers/modeling_layers.py), so the completion rows would not see the
+        # prompt: repeat the prompt rows instead, keeping one vision pass per image.
+        features, shared_prefix = (features if features is not None else image_features(model, p)), False
     if shared_prefix:
         feats = features if features is not None else image_features(model, p)
         cache = DynamicCache(config=model.config.get_text_config())
