@@ -229,6 +229,8 @@ CHAT_TEMPLATE = (
 SIZES = {
     # text: hidden, layers, heads, kv heads, mlp; vision: hidden, depth, heads, mlp; vocab
     "tiny": dict(hidden=64, layers=2, heads=4, kv=2, mlp=128, v_hidden=32, v_depth=2, v_heads=2, v_mlp=64, vocab=768),
+    # the CPU demo's model (~0.7M parameters; the size PITFALLS' measured recipe learned with)
+    "demo": dict(hidden=96, layers=3, heads=4, kv=2, mlp=256, v_hidden=64, v_depth=3, v_heads=2, v_mlp=128, vocab=1024),
     "small": dict(hidden=512, layers=8, heads=8, kv=4, mlp=1536, v_hidden=256, v_depth=4, v_heads=4, v_mlp=768, vocab=2048),
 }
 
@@ -259,7 +261,7 @@ def tiny_tokenizer(vocab_size: int = 768, seed: int = 0):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\d|<\|[a-z_]+\|>"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r"\d|<\|[a-z_]+\|>|</?think>|</?answer>"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()

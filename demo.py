@@ -1,0 +1,346 @@
+"""The CPU demo: a tiny VLM learns to assess image quality, attribute by attribute, with GRPO.
+
+    python grpo.py --demo --out runs/demo               # data, warm-up, GRPO, evaluation (~10 min, 2 cores)
+    python grpo.py --demo --ablation --out runs/demo    # overall-only reward from the same warm-up
+
+What it does (the recipe measured in ../shared/PITFALLS.md, third experiment):
+1. Data: data.synthesize in "family" mode, shaped like KADID-10k: every scene has a clean version and
+   one version per distortion family (blur, noise, desaturation, subject pushed off-centre) at a
+   graded level; ground truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one,
+   overall = the minimum. Held-out scenes are disjoint from training scenes.
+2. Model: tiny_vlm(size="demo"), a 0.7M-parameter Qwen2.5-VL (the size the recipe learned with;
+   a step of B=16 x K=8 rollouts costs about half a second on two cores).
+3. Warm-up, which never sees a quality label or level (what a pretrained VLM would bring):
+   a. perception: the vision tower and a linear probe on its mean-pooled output learn the distortion
+      FAMILY (clean / blurry / noisy / dull / offcentre); the probe is thrown away;
+   b. format: supervised answers `<think>FAMILY</think><answer>{...}</answer>` whose score positions
+      are pushed toward a UNIFORM distribution over the digits 1-5 (no score information at all).
+4. GRPO with the multi-dimensional Thurstone reward (full fine-tuning, reference = the warm-up model)
+   and the options the recipe needs: attribute-specific credit, tied pairs left out, an entropy
+   bonus on score tokens, and the family-word loss kept as an auxiliary loss on other images.
+5. Held-out evaluation of the warm-up and final checkpoints: overall SRCC over all held-out images;
+   each attribute's SRCC over the images where it varies (its family plus the clean ones).
+
+Departures: integer scores (one token each) instead of two decimals, and the options above; all
+are grpo.py flags whose defaults keep VisualQuality-R1's behaviour.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import grpo
+import mgiqa
+from mgiqa import ATTRIBUTES
+
+FAMILIES = (None, "blur", "noise", "color", "composition")
+WORDS = ("clean", "blurry", "noisy", "dull", "offcentre")
+
+
+@dataclass
+class DemoConfig:
+    seed: int = 0
+    n_train: int = 15000
+    n_heldout: int = 240
+    image_size: int = 84
+    probe_steps: int = 1500
+    probe_batch: int = 64
+    probe_lr: float = 3e-3
+    format_steps: int = 600
+    format_batch: int = 32
+    format_lr: float = 1e-3
+    grpo_steps: int = 500
+    eval_every: int = 100
+    batch_size: int = 16
+    num_generations: int = 8
+    lr: float = 5e-4
+    beta: float = 0.05
+    gamma: float = 0.05
+    entropy_coef: float = 0.5
+    aux_weight: float = 1.0
+    aux_batch: int = 16
+    max_new_tokens: int = 20
+
+
+class Demo:
+    """The synthetic data in memory, with its pixels preprocessed once (every image has one size)."""
+
+    def __init__(self, cfg: DemoConfig, processor, log=print):
+        t = time.perf_counter()
+        n = cfg.n_train + cfg.n_heldout
+        images, records = data.synthesize(n, cfg.image_size, cfg.seed, mode="family", heldout_frac=cfg.n_heldout / n)
+        self.records, self.index = records, {r.image: i for i, r in enumerate(records)}
+        self.family = torch.tensor([FAMILIES.index(r.family) for r in records])
+        self.train = [r for r in records if r.split == "train"]
+        self.heldout = [r for r in records if r.split != "train"]
+        chunks, grid = [], None
+        for s in range(0, len(images), 1000):
+            enc = processor.image_processor(images=list(images[s:s + 1000]), return_tensors="pt")
+            grid = enc["image_grid_thw"][0]
+            chunks.append(enc["pixel_values"].view(-1, int(grid.prod()), enc["pixel_values"].shape[-1]))
+        self.pixels, self.grid = torch.cat(chunks), grid  # (N, patches, C), (3,)
+        log(f"data: {len(self.train)} train / {len(self.heldout)} held-out images of {cfg.image_size}px "
+            f"in {time.perf_counter() - t:.1f}s")
+
+    def prompts(self, model, processor, idx) -> grpo.Prompts:
+        """Encoded prompts for images idx without the processor: all prompts are identical."""
+        if not hasattr(self, "_template"):  # one real encoding gives the token layout and rope positions
+            from PIL import Image
+            side = (int(self.grid[2]) * 14, int(self.grid[1]) * 14)
+            self._template = grpo.encode_prompts(model, processor, [Image.new("RGB", side)])
+        t, n = self._template, len(idx)
+        return grpo.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
+                            t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
+                            self.grid.expand(n, 3))
+
+
+def answer_ids(processor, word: str) -> list[int]:
+    digits = ", ".join(f'"{a}": 3' for a in ATTRIBUTES)
+    return processor.tokenizer(f"<think>{word}</think><answer>{{{digits}}}</answer><|im_end|>").input_ids
+
+
+def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
+    """Vision tower + linear probe -> distortion family (cross-entropy); the probe is discarded."""
+    vis = model.model.visual
+    head = nn.Linear(model.config.text_config.hidden_size, len(FAMILIES))
+    opt = torch.optim.AdamW(list(vis.parameters()) + list(head.parameters()), lr=cfg.probe_lr)
+    train_idx = torch.tensor([demo.index[r.image] for r in demo.train])
+    g = torch.Generator().manual_seed(cfg.seed)
+    t = time.perf_counter()
+    model.train()
+    for step in range(cfg.probe_steps):
+        idx = train_idx[torch.randint(len(train_idx), (cfg.probe_batch,), generator=g)]
+        feats = pooled_features(model, demo, idx)
+        loss = F.cross_entropy(head(feats), demo.family[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 250 == 0:
+            acc = (head(feats).argmax(-1) == demo.family[idx]).float().mean().item()
+            log(f"probe step {step + 1}: loss {loss.item():.3f} batch accuracy {acc:.2f} ({time.perf_counter() - t:.0f}s)")
+
+
+def pooled_features(model, demo: Demo, idx):
+    n = len(idx)
+    out = model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), demo.grid.expand(n, 3),
+                                         return_dict=True).pooler_output
+    return torch.stack(out).mean(1)  # (n, D)
+
+
+def train_format(model, processor, demo: Demo, cfg: DemoConfig, log=print):
+    """Supervised answer layout: the family word as reasoning, UNIFORM targets at the score digits."""
+    tok = processor.tokenizer
+    digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(1, 6)])
+    seqs = torch.tensor([answer_ids(processor, w) for w in WORDS])  # (5 families, Tc)
+    is_digit = torch.isin(seqs[0], digit_ids)
+    word_pos = 1
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.format_lr)
+    train_idx = torch.tensor([demo.index[r.image] for r in demo.train])
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    t = time.perf_counter()
+    model.train()
+    for step in range(cfg.format_steps):
+        idx = train_idx[torch.randint(len(train_idx), (cfg.format_batch,), generator=g)]
+        ids = seqs[demo.family[idx]]  # (b, Tc)
+        p = demo.prompts(model, processor, idx)
+        logits = model.lm_head(grpo.completion_hidden(model, p, 1, ids, torch.ones_like(ids))).float()  # (b, Tc, V)
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(2, ids[..., None]).squeeze(-1)  # (b, Tc)
+        uniform = -logp[:, is_digit][..., digit_ids].mean(-1)  # cross-entropy against uniform over 1-5
+        fmt = nll[:, ~is_digit]
+        loss = fmt.mean() + 2.0 * nll[:, word_pos].mean() + uniform.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 200 == 0:
+            log(f"format step {step + 1}: loss {loss.item():.3f} ({time.perf_counter() - t:.0f}s)")
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def family_aux_loss(processor, demo: Demo, cfg: DemoConfig):
+    """Auxiliary perception loss during GRPO: name the family of other training images (no levels)."""
+    tok = processor.tokenizer
+    think = tok.convert_tokens_to_ids("<think>")
+    words = torch.tensor([answer_ids(processor, w)[1] for w in WORDS])
+    train_idx = torch.tensor([demo.index[r.image] for r in demo.train])
+
+    def loss(model):
+        idx = train_idx[torch.randint(len(train_idx), (cfg.aux_batch,))]
+        ids = torch.stack([torch.full((len(idx),), think), words[demo.family[idx]]], 1)  # (b, 2)
+        p = demo.prompts(model, processor, idx)
+        hidden = grpo.completion_hidden(model, p, 1, ids, torch.ones_like(ids))
+        return cfg.aux_weight * F.cross_entropy(model.lm_head(hidden[:, 1]).float(), ids[:, 1])
+    return loss
+
+
+def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
+    """Greedy answers on the held-out images -> SRCC overall (all images) and per attribute."""
+    import evaluate
+
+    model.eval()
+    idx = torch.tensor([demo.index[r.image] for r in demo.heldout])
+    eos, banned, pad = mgiqa.eos_ids(model, processor), mgiqa.banned_token_ids(processor), processor.tokenizer.pad_token_id
+    texts = []
+    for s in range(0, len(idx), 120):
+        p = demo.prompts(model, processor, idx[s:s + 120])
+        ids = grpo.rollout(model, p, 1, cfg.max_new_tokens, eos, pad, banned, temperature=0.0)
+        texts += mgiqa.decode_completions(processor, ids, eos)
+    pred = np.array([[mgiqa.parse_answer(t)[a] for a in ATTRIBUTES] for t in texts])  # (N, A)
+    recs = demo.heldout
+    out = {"overall": float(evaluate.srcc(pred[:, -1], np.array([r.mos for r in recs])))}
+    all_images = {}
+    for a, name in enumerate(ATTRIBUTES[:-1]):
+        gt = np.array([r.attributes[name] for r in recs])
+        varies = np.array([r.family is None or data.FAMILY_TO_ATTRIBUTE.get(r.family) == name for r in recs])
+        out[name] = float(evaluate.srcc(pred[varies, a], gt[varies]))
+        all_images[name] = float(evaluate.srcc(pred[:, a], gt))
+    words = [mgiqa.reasoning_text(t) for t in texts]
+    out["all_images"] = all_images
+    out["family_accuracy"] = float(np.mean([w == WORDS[FAMILIES.index(r.family)] for w, r in zip(words, recs)]))
+    out["parse_rate"] = float(np.mean([mgiqa.parse_answer(t, strict=True) is not None for t in texts]))
+    return out
+
+
+def attribute_mean(m: dict) -> float:
+    return float(np.mean([m[a] for a in ATTRIBUTES]))
+
+
+def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablation: bool, log=print):
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    model.requires_grad_(True)
+    gcfg = {**grpo.DEFAULTS, "out": str(out_dir), "seed": cfg.seed, "steps": cfg.grpo_steps, "full": True,
+            "batch_size": cfg.batch_size, "num_generations": cfg.num_generations, "lr": cfg.lr, "beta": cfg.beta,
+            "gamma": cfg.gamma, "ignore_ties": True, "entropy_coef": cfg.entropy_coef, "max_new_tokens": cfg.max_new_tokens,
+            "credit": "sequence" if ablation else "attribute", "weights": (0, 0, 0, 0, 1.0) if ablation else None,
+            "save_every": 100, "keep": 1, "eval_every": cfg.eval_every, "model": "demo"}
+    sampler = data.Sampler({"synthetic": demo.train}, cfg.batch_size, seed=cfg.seed)
+    curve = []
+
+    def eval_fn(m, step):
+        result = evaluate_heldout(m, processor, demo, cfg)
+        curve.append({"step": step, **{a: result[a] for a in ATTRIBUTES}})
+        m.train()
+        return {a: round(result[a], 3) for a in ATTRIBUTES}
+
+    images_of = lambda records: demo.prompts(model, processor, torch.tensor([demo.index[r.image] for r in records]))  # noqa: E731
+    torch.manual_seed(cfg.seed)
+    grpo.train(gcfg, model, processor, sampler, images_of, ref_model=ref,
+               aux_loss=family_aux_loss(processor, demo, cfg), eval_fn=eval_fn, log=log)
+    return curve
+
+
+def plot_curve(curves: dict, path: Path) -> None:
+    """Held-out SRCC per attribute against GRPO step, drawn with PIL (matplotlib is not required)."""
+    from PIL import Image, ImageDraw
+
+    W, H, pad = 640, 400, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    colors = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#000000"]
+    points = [p for c in curves.values() for p in c]
+    if not points:
+        return
+    max_step = max(p["step"] for p in points) or 1
+    x = lambda s: pad + (W - 2 * pad) * s / max_step  # noqa: E731
+    y = lambda v: H - pad - (H - 2 * pad) * (max(-0.2, min(1.0, v)) + 0.2) / 1.2  # noqa: E731
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    for v in (0.0, 0.5, 0.8, 1.0):
+        d.line([pad, y(v), W - pad, y(v)], fill="#dddddd")
+        d.text((5, y(v) - 6), f"{v:.1f}", fill="black")
+    d.text((W // 2 - 60, H - pad + 15), "GRPO step", fill="black")
+    d.text((pad, 15), "held-out SRCC (attributes within their family; dashed: ablation)", fill="black")
+    for (name, curve) in curves.items():
+        for a, color in zip(ATTRIBUTES, colors):
+            pts = [(x(p["step"]), y(p[a])) for p in curve if not math.isnan(p[a])]
+            if len(pts) > 1:
+                if name == "ablation":
+                    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+                        d.line([x0, y0, (x0 + x1) / 2, (y0 + y1) / 2], fill=color, width=2)
+                else:
+                    d.line(pts, fill=color, width=2)
+    for i, (a, color) in enumerate(zip(ATTRIBUTES, colors)):
+        d.text((W - pad - 90, pad + 8 + 14 * i), a, fill=color)
+    img.save(path)
+
+
+def main(args) -> int:
+    out = Path(args.out if args.out != grpo.DEFAULTS["out"] else "runs/demo")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = DemoConfig(seed=args.seed)
+    for key, value in json.loads(__import__("os").environ.get("MGIQA_DEMO", "{}")).items():
+        setattr(cfg, key, type(getattr(cfg, key))(value))  # reduced variants (the CI test) override fields
+    if args.threads is None:
+        torch.set_num_threads(2)
+    log_file = open(out / "demo.log", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    t0 = time.perf_counter()
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    torch.manual_seed(cfg.seed)
+    model, processor = mgiqa.tiny_vlm(cfg.seed, "demo")
+    grpo.fast_vision(model)
+    demo = Demo(cfg, processor, log)
+    warm_dir = out / "warmup"
+    if args.ablation:
+        if not (warm_dir / "config.json").is_file():
+            raise SystemExit(f"error: {warm_dir} has no warm-up checkpoint; run `python grpo.py --demo --out {out}` first")
+        model, processor = mgiqa.load(str(warm_dir), device="cpu")
+        grpo.fast_vision(model)
+        curve = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
+        result = evaluate_heldout(model, processor, demo, cfg)
+        summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {"all_images": result["all_images"]}
+        summary["ablation_seconds"] = time.perf_counter() - t0
+        summary.setdefault("curves", {})["ablation"] = curve
+    else:
+        train_probe(model, demo, cfg, log)
+        train_format(model, processor, demo, cfg, log)
+        model.save_pretrained(warm_dir)
+        processor.save_pretrained(warm_dir)
+        warm = evaluate_heldout(model, processor, demo, cfg)
+        log(f"warm-up done at {time.perf_counter() - t0:.0f}s: " + json.dumps({k: round(v, 3) for k, v in warm.items() if not isinstance(v, dict)}))
+        curve = [{"step": 0, **{a: warm[a] for a in ATTRIBUTES}}]
+        curve += run_grpo(model, processor, demo, cfg, out / "grpo-run", ablation=False, log=log)
+        model.save_pretrained(out / "final")
+        processor.save_pretrained(out / "final")
+        final = evaluate_heldout(model, processor, demo, cfg)
+        summary.update({"seconds": time.perf_counter() - t0, "config": asdict(cfg),
+                        "warmup": {a: warm[a] for a in ATTRIBUTES} | {"all_images": warm["all_images"],
+                                                                     "family_accuracy": warm["family_accuracy"]},
+                        "final": {a: final[a] for a in ATTRIBUTES} | {"all_images": final["all_images"],
+                                                                     "family_accuracy": final["family_accuracy"]}})
+        summary.setdefault("curves", {})["final"] = curve
+    summary_path.write_text(json.dumps(summary, indent=2))
+    plot_curve(summary.get("curves", {}), out / "learning_curve.png")
+    print_table(summary, log)
+    return 0
+
+
+def print_table(summary: dict, log=print) -> None:
+    log(f"{'held-out SRCC':14s} " + " ".join(f"{a:>11s}" for a in ATTRIBUTES) + "        mean")
+    for name in ("warmup", "final", "ablation"):
+        if name in summary:
+            m = summary[name]
+            log(f"{name:14s} " + " ".join(f"{m[a]:11.3f}" for a in ATTRIBUTES) + f" {attribute_mean(m):11.3f}")
+    for name in ("warmup", "final", "ablation"):
+        if name in summary and "all_images" in summary[name]:
+            m = summary[name]["all_images"]
+            log(f"{name + ' (all)':14s} " + " ".join(f"{m.get(a, float('nan')):11.3f}" for a in ATTRIBUTES[:-1]))
