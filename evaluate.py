@@ -10,7 +10,8 @@ replaced. Metrics are numpy only and handle ties as scipy.stats does; the fit is
     python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --suite --data-root /data --out runs/eval_suite
     python evaluate.py --compare runs/a/koniq.jsonl runs/b/koniq.jsonl     # files or folders of *.jsonl
 
-A run writes, in --out: <name>.jsonl per --data entry (one JSON line per image: dataset, image, mos,
+A run writes, in --out: run.json (model, adapter, mode: a rerun with other settings is refused),
+<name>.jsonl per --data entry (one JSON line per image: dataset, image, mos,
 labels, the five scores (null when unparsed), parsed, strict, thinking, completion; appended and
 fsync'd after every batch, so rerunning the same command resumes: images already there are skipped),
 summary.json, results.md (rows: datasets and their average; SRCC and PLCC of overall and of each
@@ -25,7 +26,7 @@ Departures (ours; SPEC 5 fixes the rest):
 1. PLCC in tables is after the logistic fit; `plcc_raw` (no fit) is in summary.json. The fit is
    our numpy Levenberg-Marquardt from SPEC's start, not scipy's curve_fit (tests check it is as good).
 2. An image whose prediction is NaN is left out of that metric and counted (n_nan); the average row
-   is the plain mean over datasets, NaN if any dataset's value is NaN.
+   is the plain mean over the datasets that label the column, NaN if any of their values is NaN.
 3. `compare` uses the images both files scored and both parsed (unparsed counts are reported per
    file); the average row resamples each dataset independently and averages the differences.
 4. Within-family attribute SRCC (PITFALLS): with one distortion family per image, an attribute's SRCC
@@ -126,10 +127,7 @@ def fit_logistic4(x, y, max_iter: int = 1000) -> np.ndarray:
         scale = np.maximum(scale, np.diag(jtj))
         damping = scale + 1e-12 * (1.0 + scale.max())
         while lam < 1e16:
-            try:
-                step = np.linalg.solve(jtj + lam * np.diag(damping), jtr)
-            except np.linalg.LinAlgError:
-                step = np.zeros(4)
+            step = np.linalg.solve(jtj + lam * np.diag(damping), jtr)  # positive definite: damping > 0
             r_new = y - logistic4(x, b + step)
             sse_new = float(r_new @ r_new)
             if sse_new < sse:
@@ -167,13 +165,16 @@ def metrics(pred, gt) -> dict:
 METRICS = {"srcc": srcc, "krcc": krcc, "plcc": lambda p, g: plcc(p, g, fit="logistic4"), "plcc_raw": plcc}
 
 
-def bootstrap_ci(pred, gt, metric=srcc, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ci(pred, gt, metric=srcc, n: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
     """(point estimate, low, high): percentile interval over n resamples of the finite pairs."""
     metric = METRICS[metric] if isinstance(metric, str) else metric
     x, y, _ = finite_pairs(pred, gt)
     rng = np.random.default_rng(seed)
     values = np.array([metric(x[idx], y[idx]) for idx in (rng.integers(0, x.size, x.size) for _ in range(n))])
-    low, high = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)]) if np.isfinite(values).any() else (math.nan,) * 2
+    if not np.isfinite(values).any():
+        return metric(x, y), math.nan, math.nan
+    low, high = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
     return metric(x, y), float(low), float(high)
 
 
@@ -202,7 +203,8 @@ def read_rows(path: str) -> list[dict]:
     """Rows of one .jsonl file, or of every *.jsonl in a folder. A last line without its newline (a
     write cut short) is skipped; any other bad line raises, naming file and line."""
     if os.path.isdir(path):
-        return [row for f in sorted(os.listdir(path)) if f.endswith(".jsonl") for row in read_rows(os.path.join(path, f))]
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".jsonl")]
+        return [row for f in files for row in read_rows(f)]
     with open(path, encoding="utf-8") as f:
         lines, rows = f.read().split("\n"), []
     for number, line in enumerate(lines[:-1], start=1):  # lines[-1] is "" or an unfinished write
@@ -274,11 +276,11 @@ def _match(rows, records) -> list:
 
 def attribute_srcc_within_family(rows, records) -> dict[str, float]:
     """Per attribute: SRCC over the images of the family that degrades it plus clean images (no
-    family, level 0 or None), against the attribute label; NaN with fewer than 3 usable images."""
+    family, level 0), against the attribute label; NaN with fewer than 3 usable images."""
     recs, out = _match(rows, records), {}
     for a in LABELLED:
         pairs = [(row[a], _label(rec, a)) for row, rec in zip(rows, recs)
-                 if FAMILY_TO_ATTRIBUTE.get(rec.family) == a or (rec.family is None and not rec.level)]
+                 if FAMILY_TO_ATTRIBUTE.get(rec.family) == a or (rec.family is None and rec.level == 0)]
         x, y, _ = finite_pairs([p for p, _ in pairs], [g for _, g in pairs])
         out[a] = srcc(x, y) if x.size >= 3 else math.nan
     return out
@@ -371,8 +373,9 @@ def compare(a_rows, b_rows, attribute: str = "overall", n: int = 1000, seed: int
                                for i in (rng.integers(0, gt.size, gt.size) for _ in range(n))]))
         out[name] = _paired(srcc(pa, gt), srcc(pb, gt), boots[-1], gt.size, unparsed)
     parts = list(out.values())
-    out["average"] = _paired(float(np.mean([d["srcc_a"] for d in parts])), float(np.mean([d["srcc_b"] for d in parts])),
-                             np.mean(boots, axis=0), sum(d["n"] for d in parts), np.sum([d["unparsed"] for d in parts], 0).tolist())
+    mean = {k: float(np.mean([d[k] for d in parts])) for k in ("srcc_a", "srcc_b")}
+    out["average"] = _paired(mean["srcc_a"], mean["srcc_b"], np.mean(boots, axis=0), sum(d["n"] for d in parts),
+                             np.sum([d["unparsed"] for d in parts], axis=0).tolist())
     return out
 
 
@@ -384,9 +387,9 @@ def _paired(srcc_a: float, srcc_b: float, boot: np.ndarray, n: int, unparsed: li
 
 
 def compare_table(result: dict) -> str:
-    lines = ["| dataset | n | SRCC A | SRCC B | A - B | 95% interval | A better |", "|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | n | unparsed A/B | SRCC A | SRCC B | A - B | 95% interval | A better |", "|---" * 8 + "|"]
     for name, d in result.items():
-        lines.append(f"| {name} | {d['n']} | {_cell(d['srcc_a'])} | {_cell(d['srcc_b'])} | {_cell(d['diff'])} | "
+        lines.append(f"| {name} | {d['n']} | {d['unparsed'][0]}/{d['unparsed'][1]} | {_cell(d['srcc_a'])} | {_cell(d['srcc_b'])} | {_cell(d['diff'])} | "
                      f"[{_cell(d['low'])}, {_cell(d['high'])}] | {d['a_better']:.1%} |")
     return "\n".join(lines) + "\n"
 
@@ -394,8 +397,8 @@ def compare_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 def select_split(records, split: str | None, seed: int = 0, official: bool = False) -> list:
-    """Records of one split: the dataset's own split when it has one, else (official=False) the
-    reference-disjoint split of data.split_records."""
+    """Records of one split: the dataset's own split when it has one, else (official=False) the seeded
+    split of data.split_records (reference-disjoint for a synthetic dataset with references)."""
     if split in (None, "all"):
         return list(records)
     if not any(r.split == split for r in records):
@@ -406,11 +409,11 @@ def select_split(records, split: str | None, seed: int = 0, official: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate an MG-IQA model on IQA benchmarks (SPEC 5), or compare two runs.")
+    parser = argparse.ArgumentParser(description="Evaluate an MG-IQA model on IQA benchmarks (SPEC 5), or compare runs.")
     g = parser.add_argument_group("model")
     g.add_argument("--model", help="checkpoint folder or hub id; 'tiny' / 'small' for an untrained offline model")
     g.add_argument("--adapter", default=None, help="LoRA adapter folder written by grpo.py")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--fast", action="store_true", help="answer only, no reasoning (non-thinking prompt)")
     g.add_argument("--batch-size", type=int, default=8, help="images per generate call; rows are flushed per batch")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: mgiqa.score's (256 thinking, 64 fast)")
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--data", nargs="+", default=[], metavar="NAME=ROOT", help=f"datasets: {', '.join(data.READERS)}")
     g.add_argument("--suite", action="store_true", help="SPEC 5's eight benchmarks under --data-root")
     g.add_argument("--data-root", default=None, help="folder holding the suite's dataset folders")
-    g.add_argument("--split", default=None, help="train / val / test for --data (the suite fixes its own); default: all")
+    g.add_argument("--split", default=None, help="train / val / test of each --data (the suite fixes its own)")
     g.add_argument("--seed", type=int, default=0, help="seed of data.split_records where a dataset has no split")
     g.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset")
     g = parser.add_argument_group("output and comparison")
@@ -448,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite:
         for name, folder, how in SUITE:
             records = data.load_dataset(name, os.path.join(args.data_root, folder))
-            sets.append((name, select_split(records, None if how is None else "test", args.seed, official=how == "official")))
+            split = None if how is None else "test"
+            sets.append((name, select_split(records, split, args.seed, official=how == "official")))
     sets = [(stem, records[:args.limit] if args.limit is not None else records) for stem, records in sets]
     for stem, records in sets:
         if not records or [s for s, _ in sets].count(stem) > 1:
@@ -459,14 +463,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.model in mgiqa.SIZES:
         print(f"note: --model {args.model} is an untrained random model: its scores are noise.", file=sys.stderr)
-    model, processor = mgiqa.load(args.model, device=args.device, adapter=args.adapter)
     os.makedirs(args.out, exist_ok=True)
+    run = {"model": args.model, "adapter": args.adapter, "thinking": not args.fast, "max_new_tokens": args.max_new_tokens}
+    run_path = os.path.join(args.out, "run.json")
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            earlier = json.load(f)
+        if earlier != run:
+            parser.error(f"{run_path}: the results there come from {earlier}, not {run}; use another --out")
+    with open(run_path, "w") as f:
+        json.dump(run, f)
+    model, processor = mgiqa.load(args.model, device=args.device, adapter=args.adapter)
     rows, records = [], []
     for stem, recs in sets:
-        rows += evaluate_records(model, processor, recs, os.path.join(args.out, f"{stem}.jsonl"), thinking=not args.fast,
-                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=True)
+        rows += evaluate_records(model, processor, recs, os.path.join(args.out, f"{stem}.jsonl"),
+                                 thinking=not args.fast, batch_size=args.batch_size,
+                                 max_new_tokens=args.max_new_tokens, progress=True)
         records += recs
-    summary = {"model": args.model, "adapter": args.adapter, "thinking": not args.fast, "split": args.split, **summarize(rows, records)}
+    summary = {**run, "split": args.split, **summarize(rows, records)}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(_json_safe(summary), f, indent=1)
     table = markdown_table(summary)
@@ -475,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table, end="")
     for name, d in summary["datasets"].items():
         if d["parse_failures"]:
-            print(f"{name}: {d['parse_failures']} of {d['n']} completions had no parsable overall score (left out, counted)")
+            print(f"{name}: {d['parse_failures']} of {d['n']} completions had no parsable overall score "
+                  "(left out of the metrics, counted)")
     print(scatter_plots(rows, args.out))
     return 0
 

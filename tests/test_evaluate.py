@@ -111,7 +111,7 @@ def test_bootstrap_contains_point_and_narrows():
         assert point == ev.srcc(pred, gt) and low < point < high
         widths.append(high - low)
     assert widths[0] > 2 * widths[1] > 4 * widths[2]
-    assert ev.bootstrap_ci(pred, gt, ev.krcc, n=20, seed=3) == ev.bootstrap_ci(pred, gt, ev.krcc, n=20, seed=3)
+    assert ev.bootstrap_ci(pred[:100], gt[:100], ev.krcc, n=20, seed=3) == ev.bootstrap_ci(pred[:100], gt[:100], ev.krcc, n=20, seed=3)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -215,23 +215,28 @@ def test_cli_resume_with_limit_gives_identical_files(tmp_path, one_thread, capsy
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     rows = ev.read_rows(str(tmp_path / "a" / "manifest.jsonl"))
     assert len(rows) == 6 and len({r["image"] for r in rows}) == 6
+    with pytest.raises(SystemExit):  # other settings into the same folder would mix two models' rows
+        run(*common, "--fast", "--out", tmp_path / "a")
+    assert "use another --out" in capsys.readouterr().err
 
 
-def test_full_tiny_run_writes_all_outputs(tmp_path, one_thread, capsys, monkeypatch):
-    write_manifest(tmp_path / "d", n=6)
+def test_full_tiny_run_on_synthetic_data_writes_all_outputs(tmp_path, one_thread, capsys, monkeypatch):
+    data.make_synthetic(str(tmp_path / "d"), 20, 56, seed=0)  # 4 scenes of 5 images, one scene held out
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # absent here anyway; a one-line note
     assert run("--model", "tiny", "--data", f"manifest={tmp_path / 'd'}", "--split", "test", "--fast",
                "--max-new-tokens", "4", "--threads", "1", "--out", tmp_path / "o") == 0
     out = capsys.readouterr().out
-    assert "matplotlib is not installed" in out and "had no parsable overall score" in out
+    assert "matplotlib is not installed" in out and "5 of 5 completions had no parsable overall score" in out
     rows = ev.read_rows(str(tmp_path / "o" / "manifest.jsonl"))
-    assert len(rows) == 4 and all(r["thinking"] is False and "completion" in r for r in rows)
+    assert len(rows) == 5 and all(r["thinking"] is False and "completion" in r for r in rows)
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    d = summary["datasets"]["toy"]
-    assert summary["thinking"] is False and d["n"] == 4
-    assert d["parse_failures"] == 4 and d["metrics"]["overall"]["srcc"] is None  # the untrained model writes '\n'
+    d = summary["datasets"]["synthetic"]
+    assert summary["thinking"] is False and d["n"] == 5 and set(d["metrics"]) == set(ATTRIBUTES)
+    assert d["parse_failures"] == 5 and d["metrics"]["overall"]["srcc"] is None  # the untrained model writes '\n'
     assert set(d["within_family"]) == set(ev.LABELLED)
-    assert (tmp_path / "o" / "results.md").read_text().startswith("| dataset | n | unparsed | overall SRCC")
+    table = (tmp_path / "o" / "results.md").read_text()
+    assert table.startswith("| dataset | n | unparsed | overall SRCC | overall PLCC | sharpness SRCC")
+    assert "| synthetic | 5 | 5 |" in table
 
 
 def test_within_family_srcc():
@@ -248,6 +253,10 @@ def test_within_family_srcc():
     assert ev.srcc([r["sharpness"] for r in rows], [r.attributes["sharpness"] for r in recs]) < 0.9
     assert math.isnan(got["color"])  # constant predictions
     assert math.isnan(ev.attribute_srcc_within_family(rows[:2], recs[:2])["sharpness"])  # fewer than 3 images
+    rows[0]["sharpness"] = 0.0  # the clean image now predicted worst: counted, it breaks the order
+    assert ev.attribute_srcc_within_family(rows, recs)["sharpness"] < 0.5
+    recs[0].level = None  # no family and no level: several distortions (data.py's mixed mode), not clean
+    assert ev.attribute_srcc_within_family(rows, recs)["sharpness"] == pytest.approx(1.0)
 
 
 def fake_rows(rng, n, spread, dataset="d", start=0):
@@ -271,11 +280,16 @@ def test_compare_two_result_files(tmp_path):
     assert d["low"] > 0 and d["a_better"] == 1.0  # A's noise is much smaller
     assert 0.05 < result["e"]["a_better"] < 0.95 and result["e"]["low"] < 0 < result["e"]["high"]
     assert result["average"]["diff"] == pytest.approx((d["diff"] + result["e"]["diff"]) / 2)
+    # paired: B = A plus a tiny perturbation differs by far less than either SRCC's own spread
+    near = [{**r, "overall": r["overall"] + rng.normal(0, 0.01)} for r in a[1:200]]
+    paired = ev.compare(a[1:200], near, n=300)["d"]
+    _, low, high = ev.bootstrap_ci([r["overall"] for r in a[1:200]], [r["mos"] for r in a[1:200]], n=300)
+    assert paired["high"] - paired["low"] < 0.2 * (high - low)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--compare", str(tmp_path / "a.jsonl"),
                            str(tmp_path / "b.jsonl"), "--n-boot", "100", "--out", str(tmp_path / "cmp")],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "| d | 199 |" in proc.stdout and "| average |" in proc.stdout
+    assert "| d | 199 | 1/0 |" in proc.stdout and "| average |" in proc.stdout
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["d"]["n"] == 199
     b[3]["mos"] = 9.0
     with pytest.raises(ValueError, match="disagree"):
