@@ -1,7 +1,7 @@
 """MG-IQA data: benchmark datasets as their publishers ship them, splits, the cross-domain sampler
 (SPEC 4), and procedural images with graded distortions for the CPU demo (PITFALLS, issue 8).
 
-    python data.py summary koniq=/data/koniq10k kadid=/data/kadid10k pyiqa=/data/koniq10k,meta_info_KonIQ10kDataset.csv
+    python data.py summary koniq=/data/koniq10k kadid=/data/kadid10k pyiqa=/data/koniq,meta_info_KonIQ.csv
     python data.py synth runs/synth --n 15000 --size 96 --seed 0 [--mode family|mixed] [--heldout-frac 0.02]
 
 Library: load_dataset(name, root) -> [Record]; split_records / save_split / load_split / apply_split;
@@ -415,7 +415,8 @@ def load_dataset(name: str, root: str, strict: bool = False, **opts) -> list[Rec
 
 # ----------------------------------------------------------------------------- splits
 
-def split_records(records: list[Record], seed: int = 0, synthetic=(0.6, 0.2, 0.2), test_fraction: float = 0.2) -> list[Record]:
+def split_records(records: list[Record], seed: int = 0, synthetic_fractions=(0.6, 0.2, 0.2),
+                  test_fraction: float = 0.2) -> list[Record]:
     """Per dataset: keep an official split; else a seeded reference-disjoint train/val/test split for
     synthetic datasets with references (as VisualQuality-R1 for KADID-10k); else seeded train/test."""
     by_set: dict[str, list[int]] = {}
@@ -430,7 +431,7 @@ def split_records(records: list[Record], seed: int = 0, synthetic=(0.6, 0.2, 0.2
         grouped = records[idx[0]].domain == "synthetic" and None not in refs
         units = sorted(set(refs)) if grouped else sorted(records[i].image for i in idx)
         units = [units[j] for j in rng.permutation(len(units))]
-        cuts = np.cumsum(synthetic)[:-1] if grouped else [1 - test_fraction]
+        cuts = np.cumsum(synthetic_fractions)[:-1] if grouped else [1 - test_fraction]
         bounds = [round(c * len(units)) for c in cuts] + [len(units)]
         names = ("train", "val", "test") if grouped else ("train", "test")
         split_of = {u: names[next(k for k, b in enumerate(bounds) if j < b)] for j, u in enumerate(units)}
@@ -780,7 +781,13 @@ if __name__ == "__main__":
         n_test = sum(r.split == "test" for r in recs)
         print(f"wrote {len(recs)} images ({n_test} test) to {args.out} in {time.time() - t0:.1f} s")
     else:
+        failed = 0
         for spec in args.datasets:
             name, _, root = spec.partition("=")
             root, _, file = root.partition(",")
-            print(summary(name, root, **({"file": file} if file else {})))
+            try:
+                print(summary(name, root, **({"file": file} if file else {})))
+            except (OSError, ValueError) as err:  # report every dataset, then fail
+                print(f"{name}: error: {err}")
+                failed += 1
+        raise SystemExit(1 if failed else 0)
