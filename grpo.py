@@ -254,16 +254,27 @@ def token_logprobs(lm_head, hidden, targets, temperature=1.0, banned=(), chunk=4
     flat_h, flat_t = hidden.reshape(R * T, D), targets.reshape(R * T)
     logps, ents = [], []
     for s in range(0, R * T, chunk):
-        logits = lm_head(flat_h[s:s + chunk]).float() / temperature  # (chunk, V)
-        if len(banned):
-            logits[:, list(banned)] = torch.finfo(logits.dtype).min
-        logz = torch.logsumexp(logits, dim=-1)
-        logps.append(logits.gather(1, flat_t[s:s + chunk, None]).squeeze(1) - logz)
-        if entropy:
-            logp_all = logits - logz[:, None]
-            ents.append(-(logp_all.exp() * logp_all).sum(-1))
+        args = (lm_head, flat_h[s:s + chunk], flat_t[s:s + chunk], temperature, banned, entropy)
+        # under autograd each chunk's (chunk, V) float logits would be kept for backward, so memory
+        # would grow with all tokens x V after all: recompute them in backward instead
+        lp, ent = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                   if torch.is_grad_enabled() else _chunk_logprobs(*args))
+        logps.append(lp)
+        ents.append(ent)
     logp = torch.cat(logps).view(R, T)
     return (logp, torch.cat(ents).view(R, T)) if entropy else logp
+
+
+def _chunk_logprobs(lm_head, h, targets, temperature, banned, entropy):
+    logits = lm_head(h).float() / temperature  # (chunk, V)
+    if len(banned):
+        logits[:, list(banned)] = torch.finfo(logits.dtype).min
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(1, targets[:, None]).squeeze(1) - logz
+    if not entropy:
+        return logp, None
+    logp_all = logits - logz[:, None]
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def completion_mask(ids: torch.Tensor, eos_ids) -> torch.Tensor:
