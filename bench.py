@@ -1,0 +1,105 @@
+"""Timing of grpo.py's GRPO step: the optimised path against the straightforward one (issue 7).
+
+    python bench.py --size small --image-size 448 -B 2 -K 6 --new-tokens 64 --steps 3 --threads 2
+
+optimised (the default grpo path): rollouts prefill each image's prompt once and sample its K
+completions from the expanded KV cache; the training forward runs the vision tower and the prompt
+once per image, its cache (with its graph) expanded to the K rows, and only completion positions
+reach the LM head. straightforward (cfg straightforward=True, the readable reference): every prompt
+repeated K times before the vision tower, B*K rows prefilled from scratch and trained on whole.
+
+Each path runs in its own subprocess (peak memory is per process) with the same torch thread
+count, on one fixed synthetic batch (random images, random labels), LoRA as grpo's defaults, every
+completion forced to exactly --new-tokens tokens; one warm-up step, then --steps timed steps of
+grpo.grpo_step. Prints one JSON line per path (path, sec_per_step, gen_s, reward_s, update_s,
+peak_mem_mib: RSS high-water mark on CPU, torch.cuda.max_memory_allocated on GPU), then
+{"ratio": optimised sec_per_step / straightforward sec_per_step}.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+PATHS = ("optimised", "straightforward")
+
+
+def run_path(args) -> dict:
+    """One path, in this process: warm-up step, then args.steps timed steps."""
+    import grpo
+    from mgiqa import ATTRIBUTES
+    from PIL import Image
+    from reward import preference_matrix
+
+    torch.set_num_threads(args.threads)
+    cfg = {**grpo.DEFAULTS, "model": args.size, "batch_size": args.batch_size, "num_generations": args.num_generations,
+           "max_new_tokens": args.new_tokens, "force_length": True, "straightforward": args.path == "straightforward",
+           "device": args.device, "seed": 0}
+    torch.manual_seed(0)
+    model, processor, ref = grpo.build_model(cfg)
+    rng = np.random.default_rng(0)
+    S, B = args.image_size, args.batch_size
+    images = [Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)) for _ in range(B)]
+    labels = torch.tensor(rng.uniform(1, 5, (len(ATTRIBUTES), B)))
+    P, M = (torch.stack(t) for t in zip(*(preference_matrix(y) for y in labels)))  # (A, B, B) each
+    batch = {"P": P, "M": M}
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg["lr"])
+    policy = grpo.PolicyLogprobs(model)
+    cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, parts = [], {"gen_s": [], "reward_s": [], "update_s": []}
+    for step in range(args.steps + 1):  # step 0 warms up (allocator, lazy imports, kernels)
+        sync()
+        t0 = time.perf_counter()
+        stats = grpo.grpo_step(cfg, model, processor, policy, batch, images, ref, optimizer=optimizer)
+        sync()
+        if stats["length"] != args.new_tokens:
+            raise RuntimeError(f"bench.py: completions averaged {stats['length']} tokens, expected {args.new_tokens}")
+        if step > 0:
+            times.append(time.perf_counter() - t0)
+            for k in parts:
+                parts[k].append(stats[k])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"path": args.path, "sec_per_step": round(float(np.mean(times)), 3),
+            **{k: round(float(np.mean(v)), 3) for k, v in parts.items()}, "peak_mem_mib": round(peak, 1),
+            "device": "cuda" if cuda else f"cpu x{args.threads} threads", "steps": args.steps}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Time grpo.py's optimised GRPO step against the straightforward one.")
+    ap.add_argument("--size", default="small", help="tiny_vlm size (tiny, small)")
+    ap.add_argument("--image-size", type=int, default=448, help="square image side, pixels")
+    ap.add_argument("--batch-size", "-B", type=int, default=2, help="images per step")
+    ap.add_argument("--num-generations", "-K", type=int, default=6, help="rollouts per image")
+    ap.add_argument("--new-tokens", type=int, default=64, help="every completion is exactly this long")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads, the same for both paths")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--path", choices=PATHS, default=None, help="run one path in this process (what the parent spawns)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.path:
+        print(json.dumps(run_path(args)), flush=True)
+        return 0
+    results = {}
+    for path in PATHS:
+        proc = subprocess.run([sys.executable, __file__, *argv, "--path", path], capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            sys.exit(f"bench.py: the {path} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        results[path] = json.loads(lines[-1])
+        print(lines[-1], flush=True)
+    print(json.dumps({"ratio": round(results["optimised"]["sec_per_step"] / results["straightforward"]["sec_per_step"], 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
