@@ -83,12 +83,7 @@ class Demo:
         self.family = torch.tensor([FAMILIES.index(r.family) for r in records])
         self.train = [r for r in records if r.split == "train"]
         self.heldout = [r for r in records if r.split != "train"]
-        chunks, grid = [], None
-        for s in range(0, len(images), 1000):
-            enc = processor.image_processor(images=list(images[s:s + 1000]), return_tensors="pt")
-            grid = enc["image_grid_thw"][0]
-            chunks.append(enc["pixel_values"].view(-1, int(grid.prod()), enc["pixel_values"].shape[-1]))
-        self.pixels, self.grid = torch.cat(chunks), grid  # (N, patches, C), (3,)
+        self.pixels, self.grid = patchify(images, processor.image_processor)  # (N, patches, C), (3,)
         log(f"data: {len(self.train)} train / {len(self.heldout)} held-out images of {cfg.image_size}px "
             f"in {time.perf_counter() - t:.1f}s")
 
@@ -101,7 +96,25 @@ class Demo:
         t, n = self._template, len(idx)
         return grpo.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
                             t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
-                            self.grid.expand(n, 3))
+                            self.grid.expand(n, 3), t.shared)
+
+
+def patchify(images: np.ndarray, image_processor):
+    """uint8 (N, S, S, 3) -> Qwen2-VL patch rows (N, patches, C*2*14*14), as the image processor
+    makes them for a side that is a multiple of 28 (no resize), in one vectorised pass; checked
+    against the processor on the first images."""
+    N, H, W, C = images.shape
+    ps, tp, ms = image_processor.patch_size, image_processor.temporal_patch_size, image_processor.merge_size
+    mean = torch.tensor(image_processor.image_mean).view(1, C, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, C, 1, 1)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # (N, C, H, W)
+    gh, gw = H // ps, W // ps
+    x = x.unsqueeze(1).expand(N, tp, C, H, W).reshape(N, tp, C, gh // ms, ms, ps, gw // ms, ms, ps)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(N, gh * gw, C * tp * ps * ps)
+    ref = image_processor(images=list(images[:4]), return_tensors="pt")
+    if H % (ps * ms) or W % (ps * ms) or not torch.allclose(ref["pixel_values"].view(4, gh * gw, -1), x[:4], atol=1e-5):
+        raise ValueError("demo images must have a side that is a multiple of 28 and match the processor's patches")
+    return x.contiguous(), ref["image_grid_thw"][0]
 
 
 def answer_ids(processor, word: str) -> list[int]:

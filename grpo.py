@@ -164,6 +164,7 @@ class Prompts:
     next_position: torch.Tensor   # (B,) the position of the first completion token
     pixel_values: torch.Tensor    # (sum of patches, C)
     image_grid_thw: torch.Tensor  # (B, 3)
+    shared: int = 0               # leading tokens identical in every row (the instruction): prefilled once
 
 
 def encode_prompts(model, processor, images, thinking=True) -> Prompts:
@@ -171,10 +172,31 @@ def encode_prompts(model, processor, images, thinking=True) -> Prompts:
     text = mgiqa.prompt_text(processor, thinking)
     enc = processor(text=[text] * len(images), images=[mgiqa.load_image(im) for im in images],
                     padding=True, return_tensors="pt").to(device)
-    positions, _ = model.model.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
-                                              image_grid_thw=enc["image_grid_thw"], attention_mask=enc["attention_mask"])
-    return Prompts(enc["input_ids"], enc["attention_mask"], positions, positions.amax(dim=(0, 2)) + 1,
-                   enc["pixel_values"], enc["image_grid_thw"])
+    ids, attn, types, shared = _pad_after_shared_text(enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"])
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=enc["image_grid_thw"],
+                                              attention_mask=attn)
+    return Prompts(ids, attn, positions, positions.amax(dim=(0, 2)) + 1, enc["pixel_values"], enc["image_grid_thw"], shared)
+
+
+def _pad_after_shared_text(ids, attn, types):
+    """Move each row's left padding to just after the text all rows share (the instruction comes
+    before the image), so that text is one identical prefix: computed once, not once per row.
+    The attention mask and rope positions skip padding wherever it sits, so the numbers are the same."""
+    rows = [r[m.bool()] for r, m in zip(ids, attn)]
+    kinds = [t[m.bool()] for t, m in zip(types, attn)]
+    n = min(len(r) for r in rows)
+    same = torch.stack([r[:n] == rows[0][:n] for r in rows]).all(0) & (kinds[0][:n] == 0)
+    shared = int(n if bool(same.all()) else same.long().argmin())
+    shared = min(shared, n - 1)  # keep at least one token per row after the prefix
+    T = ids.shape[1]
+    new_ids, new_attn, new_types = torch.zeros_like(ids), torch.zeros_like(attn), torch.zeros_like(types)
+    for b, (r, k) in enumerate(zip(rows, kinds)):
+        pad = T - len(r)
+        new_ids[b] = torch.cat([r[:shared], ids[b, :pad], r[shared:]])  # pad ids kept as they were
+        new_attn[b] = torch.cat([torch.ones(shared, dtype=attn.dtype), torch.zeros(pad, dtype=attn.dtype),
+                                 torch.ones(len(r) - shared, dtype=attn.dtype)])
+        new_types[b] = torch.cat([k[:shared], types[b, :pad], k[shared:]])
+    return new_ids, new_attn, new_types, shared
 
 
 def repeat_prompts(p: Prompts, K: int) -> Prompts:
@@ -184,7 +206,7 @@ def repeat_prompts(p: Prompts, K: int) -> Prompts:
     pixels = torch.cat([b for b in blocks for _ in range(K)])
     return Prompts(p.input_ids.repeat_interleave(K, 0), p.attention_mask.repeat_interleave(K, 0),
                    p.positions.repeat_interleave(K, 1), p.next_position.repeat_interleave(K, 0),
-                   pixels, p.image_grid_thw.repeat_interleave(K, 0))
+                   pixels, p.image_grid_thw.repeat_interleave(K, 0), p.shared)
 
 
 def image_features(model, p: Prompts):
@@ -239,6 +261,16 @@ def fast_vision(model) -> None:
         embed.forward = types.MethodType(forward, embed)
 
 
+def prefill(model, p: Prompts, features, cache):
+    """Run the prompts into `cache`; returns the last prompt position's hidden state (B, D).
+    The shared instruction runs once (1 row) and its KV is expanded to the B rows."""
+    B, L = p.input_ids.shape[0], p.shared
+    if L > 0:
+        lm_hidden(model, p.input_ids[:1, :L], p.attention_mask[:1, :L], p.positions[:, :1, :L], None, cache)
+        cache.batch_repeat_interleave(B)
+    return lm_hidden(model, p.input_ids[:, L:], p.attention_mask, p.positions[:, :, L:], features, cache)[:, -1]
+
+
 def lm_hidden(model, input_ids, attention_mask, positions, features=None, cache=None):
     """Last hidden states (R, T, D) of the language model, image features scattered in."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -258,7 +290,7 @@ def token_logprobs(lm_head, hidden, targets, temperature=1.0, banned=(), chunk=4
         # under autograd each chunk's (chunk, V) float logits would be kept for backward, so memory
         # would grow with all tokens x V after all: recompute them in backward instead
         lp, ent = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-                   if torch.is_grad_enabled() else _chunk_logprobs(*args))
+                   if torch.is_grad_enabled() and R * T > chunk else _chunk_logprobs(*args))
         logps.append(lp)
         ents.append(ent)
     logp = torch.cat(logps).view(R, T)
@@ -292,7 +324,11 @@ def sample_tokens(logits, temperature, top_p, generator=None):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
         probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # inverse-CDF sampling, one uniform per row (torch.multinomial draws one per row and token);
+    # u in (0, total]: the first index whose cumulative sum reaches u always has probability > 0
+    cdf = probs.cumsum(-1)
+    u = (1 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1)
 
 
 @torch.no_grad()
@@ -306,13 +342,13 @@ def rollout(model, p: Prompts, K, max_new_tokens, eos_ids, pad_id, banned=(), te
 
     cache = DynamicCache(config=model.config.get_text_config())
     if shared_prefix:
-        h = lm_hidden(model, p.input_ids, p.attention_mask, p.positions, image_features(model, p), cache)
+        last = prefill(model, p, image_features(model, p), cache).repeat_interleave(K, 0)
         cache.batch_repeat_interleave(K)
-        last, attn, nxt = h[:, -1].repeat_interleave(K, 0), p.attention_mask.repeat_interleave(K, 0), p.next_position.repeat_interleave(K)
+        attn, nxt = p.attention_mask.repeat_interleave(K, 0), p.next_position.repeat_interleave(K)
     else:
         r = repeat_prompts(p, K)
-        h = lm_hidden(model, r.input_ids, r.attention_mask, r.positions, image_features(model, r), cache)
-        last, attn, nxt = h[:, -1], r.attention_mask, r.next_position
+        last = lm_hidden(model, r.input_ids, r.attention_mask, r.positions, image_features(model, r), cache)[:, -1]
+        attn, nxt = r.attention_mask, r.next_position
     R = last.shape[0]
     eos = torch.as_tensor(list(eos_ids), device=last.device)
     finished = torch.zeros(R, dtype=torch.bool, device=last.device)
@@ -358,12 +394,12 @@ def completion_hidden(model, p: Prompts, K, ids, mask, shared_prefix=True, featu
     if shared_prefix:
         feats = features if features is not None else image_features(model, p)
         cache = DynamicCache(config=model.config.get_text_config())
-        h = lm_hidden(model, p.input_ids, p.attention_mask, p.positions, feats, cache)  # (B, Tp, D)
+        last = prefill(model, p, feats, cache)  # (B, D)
         cache.batch_repeat_interleave(K)
         attn = torch.cat([p.attention_mask.repeat_interleave(K, 0), mask], dim=1)
         pos = (p.next_position.repeat_interleave(K)[:, None] + offsets).unsqueeze(0).expand(3, -1, -1)
         hc = lm_hidden(model, ids, attn, pos, None, cache)  # (B*K, Tc, D)
-        hidden = torch.cat([h[:, -1:].repeat_interleave(K, 0), hc[:, :-1]], dim=1)  # position t predicts token t
+        hidden = torch.cat([last[:, None].repeat_interleave(K, 0), hc[:, :-1]], dim=1)  # position t predicts token t
     else:
         r = repeat_prompts(p, K)
         feats = expand_features(features, K) if features is not None else image_features(model, r)
@@ -533,7 +569,7 @@ def select(p: Prompts, idx: list[int]) -> Prompts:
     """The prompts of some images (idx), with their pixel rows."""
     blocks = torch.split(p.pixel_values, p.image_grid_thw.prod(-1).tolist())
     return Prompts(p.input_ids[idx], p.attention_mask[idx], p.positions[:, idx], p.next_position[idx],
-                   torch.cat([blocks[i] for i in idx]), p.image_grid_thw[idx])
+                   torch.cat([blocks[i] for i in idx]), p.image_grid_thw[idx], p.shared)
 
 
 class PolicyLogprobs(nn.Module):

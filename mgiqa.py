@@ -13,7 +13,9 @@ Departures (from the paper's abstract, which fixes none of these, and from Visua
    overall score is generated after, and conditioned on, the attribute scores (SPEC 1, ours).
 2. Lenient parsing keeps an unparseable score as NaN; VisualQuality-R1 draws a random score.
    `clip=False` (used by the reward) also turns a number outside [1, 5] into NaN.
-3. `tiny_vlm` builds a randomly initialised Qwen2.5-VL with a tokenizer trained in-process, so
+3. The instruction comes before the image in the user turn (VisualQuality-R1 puts the image first),
+   so all prompts share one text prefix that training computes once per batch.
+4. `tiny_vlm` builds a randomly initialised Qwen2.5-VL with a tokenizer trained in-process, so
    everything runs offline; its tokenizer splits digits and learns the prompt's phrases as merges
    (a score is one token, an answer about 15), which a real Qwen tokenizer does not.
 """
@@ -63,7 +65,9 @@ def build_prompt(thinking: bool = True) -> str:
 
 def build_messages(thinking: bool = True) -> list[dict]:
     """Chat messages with one image slot, in the Qwen-VL content layout."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(thinking)}]}]
+    # The instruction before the image: every prompt then starts with the same tokens, which a
+    # trainer computes once per batch instead of once per image (grpo.prefill).
+    return [{"role": "user", "content": [{"type": "text", "text": build_prompt(thinking)}, {"type": "image"}]}]
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -243,7 +247,8 @@ def _tokenizer_corpus(seed: int) -> list[str]:
     rng = random.Random(seed)
     words = ["blurry", "noisy", "dull", "offcentre", "clean", "sharp", "natural", "grain", "cast",
              "subject", "frame", "edges", "detail", "the", "image", "is", "quality", "looks", "and", "good"]
-    corpus = [build_prompt(True), build_prompt(False)] * 20
+    scaffold = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
+    corpus = [build_prompt(True), build_prompt(False), scaffold] * 20
     for _ in range(400):
         values = [f"{rng.uniform(1, 5):.2f}" if rng.random() < 0.5 else str(rng.randint(1, 5)) for _ in ATTRIBUTES]
         answer = "{" + ", ".join(f'"{a}": {v}' for a, v in zip(ATTRIBUTES, values)) + "}"

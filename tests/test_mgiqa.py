@@ -31,8 +31,8 @@ def test_prompt_names_every_attribute_scale_direction_and_layout():
         messages = mgiqa.build_messages(thinking)
         assert messages[0]["role"] == "user"
         content = messages[0]["content"]
-        assert [c["type"] for c in content] == ["image", "text"]
-        text = content[1]["text"]
+        assert [c["type"] for c in content] == ["text", "image"]
+        text = content[0]["text"]
         for name, definition in mgiqa.ATTRIBUTE_DEFINITIONS.items():
             assert f"{name}: {definition}" in text
         assert "between 1 and 5" in text and "two decimal places" in text
