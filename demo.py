@@ -56,7 +56,7 @@ class DemoConfig:
     probe_steps: int = 1500
     probe_batch: int = 64
     probe_lr: float = 3e-3
-    format_steps: int = 600
+    format_steps: int = 300
     format_batch: int = 32
     format_lr: float = 1e-3
     grpo_steps: int = 500
@@ -167,7 +167,9 @@ def train_format(model, processor, demo: Demo, cfg: DemoConfig, log=print):
     model.train()
     for step in range(cfg.format_steps):
         idx = train_idx[torch.randint(len(train_idx), (cfg.format_batch,), generator=g)]
-        ids = seqs[demo.family[idx]]  # (b, Tc)
+        ids = seqs[demo.family[idx]].clone()  # (b, Tc)
+        # random digits as inputs at the score positions, so every continuation after a score is seen
+        ids[:, is_digit] = digit_ids[torch.randint(5, (len(idx), int(is_digit.sum())), generator=g)]
         p = demo.prompts(model, processor, idx)
         logits = model.lm_head(grpo.completion_hidden(model, p, 1, ids, torch.ones_like(ids))).float()  # (b, Tc, V)
         logp = logits.log_softmax(-1)
