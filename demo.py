@@ -59,8 +59,8 @@ class DemoConfig:
     format_steps: int = 300
     format_batch: int = 32
     format_lr: float = 1e-3
-    grpo_steps: int = 500
-    eval_every: int = 100
+    grpo_steps: int = 450
+    eval_every: int = 75
     batch_size: int = 16
     num_generations: int = 8
     lr: float = 5e-4
@@ -239,7 +239,7 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
     model.requires_grad_(True)
     gcfg = {**grpo.DEFAULTS, "out": str(out_dir), "seed": cfg.seed, "steps": cfg.grpo_steps, "full": True,
             "batch_size": cfg.batch_size, "num_generations": cfg.num_generations, "lr": cfg.lr, "beta": cfg.beta,
-            "gamma": cfg.gamma, "ignore_ties": True, "entropy_coef": cfg.entropy_coef, "max_new_tokens": cfg.max_new_tokens,
+            "gamma": cfg.gamma, "ignore_ties": True, "entropy_coef": cfg.entropy_coef, "entropy_vocab": "12345", "max_new_tokens": cfg.max_new_tokens,
             "credit": "sequence" if ablation else "attribute", "weights": (0, 0, 0, 0, 1.0) if ablation else None,
             "save_every": 100, "keep": 1, "eval_every": cfg.eval_every, "model": "demo"}
     sampler = data.Sampler({"synthetic": demo.train}, cfg.batch_size, seed=cfg.seed)

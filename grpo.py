@@ -23,7 +23,9 @@ Departures from VisualQuality-R1 (each off by default unless stated):
    every other token the unnormalised format advantage F - mean_k F (default `sequence`: one
    advantage per completion, as VisualQuality-R1).
 4. `--ignore-ties`: tied-label pairs left out of the fidelity mean (default: counted at P = 0.5).
-5. `--entropy-coef`: an entropy bonus on the score tokens (default 0).
+5. `--entropy-coef`: an entropy bonus on the score tokens (default 0), the entropy of their
+   distribution renormalised over the digit tokens (`--entropy-vocab`; the demo uses 1-5: over all
+   digits, or the full vocabulary, it pushed mass onto invalid scores and broke the format).
 6. An auxiliary perception loss hook (`train(..., aux_loss=...)`), used by the demo only; it never
    sees quality labels or levels.
 7. Special tokens (<|image_pad|> ...) are masked out of sampling and of the training log-softmax.
@@ -294,7 +296,7 @@ def token_logprobs(lm_head, hidden, targets, temperature=1.0, banned=(), chunk=4
         logps.append(lp)
         ents.append(ent)
     logp = torch.cat(logps).view(R, T)
-    return (logp, torch.cat(ents).view(R, T)) if entropy else logp
+    return (logp, torch.cat(ents).view(R, T)) if entropy is not False and entropy is not None else logp
 
 
 def _chunk_logprobs(lm_head, h, targets, temperature, banned, entropy):
@@ -303,8 +305,11 @@ def _chunk_logprobs(lm_head, h, targets, temperature, banned, entropy):
         logits[:, list(banned)] = torch.finfo(logits.dtype).min
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(1, targets[:, None]).squeeze(1) - logz
-    if not entropy:
+    if entropy is False or entropy is None:
         return logp, None
+    if entropy is not True:  # a list of token ids: the entropy of the distribution renormalised over them
+        logits = logits[:, list(entropy)]
+        logz = torch.logsumexp(logits, dim=-1)
     logp_all = logits - logz[:, None]
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
@@ -549,7 +554,7 @@ DEFAULTS = dict(  # SPEC 3 / VisualQuality-R1 unless noted
     temperature=1.0, top_p=1.0, max_new_tokens=256, thinking=True, full=False, lora_rank=64, lora_alpha=128,
     lora_dropout=0.0, lora_vision=False, lr=1e-6, weight_decay=0.0, warmup_steps=0, schedule="constant",
     grad_clip=1.0, micro_batch=0, beta=0.04, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", num_iterations=1,
-    w_format=1.0, weights=None, gamma=1e-6, ignore_ties=False, credit="sequence", entropy_coef=0.0,
+    w_format=1.0, weights=None, gamma=1e-6, ignore_ties=False, credit="sequence", entropy_coef=0.0, entropy_vocab="0123456789",
     straightforward=False, save_every=100, keep=2, eval_every=0, eval_limit=200, gradient_checkpointing=False,
     dtype="auto", device="auto", max_pixels=None, force_length=False)
 
@@ -615,6 +620,10 @@ def grpo_step(cfg, model, processor, policy, batch, images, ref_model=None, aux_
     rewards = mg_reward(completions, batch["P"], batch["M"], cfg["weights"], cfg["w_format"], cfg["thinking"],
                         cfg["gamma"], cfg["ignore_ties"])
     need_tokens = cfg["credit"] == "attribute" or cfg["entropy_coef"] > 0
+    # the entropy bonus acts on the score's own vocabulary (the digits): over the full vocabulary it
+    # pushed probability off the digits and broke the answer format within a few steps
+    score_vocab = [i for i in processor.tokenizer.convert_tokens_to_ids(list(cfg["entropy_vocab"]))
+                   if i is not None and i != processor.tokenizer.unk_token_id]
     attr_tokens = score_token_attributes(processor.tokenizer, ids, mask) if need_tokens else torch.full_like(ids, -1)
     adv = token_advantages(rewards, attr_tokens, cfg["credit"])  # (B*K, Tc)
     t2 = time.perf_counter()
@@ -645,7 +654,7 @@ def grpo_step(cfg, model, processor, policy, batch, images, ref_model=None, aux_
             sync = contextlib.nullcontext() if gi == len(groups) - 1 or not hasattr(policy, "no_sync") else policy.no_sync()
             with sync:
                 out = policy(select(p, g), K, ids[rows], mask[rows], cfg["temperature"], banned, shared,
-                             entropy=cfg["entropy_coef"] > 0)
+                             entropy=score_vocab if cfg["entropy_coef"] > 0 else False)
                 logp, ent = out if cfg["entropy_coef"] > 0 else (out, None)
                 old_logp = old[rows] if old is not None else logp.detach()
                 per_token, clipped = clipped_surrogate(logp, old_logp, adv[rows], cfg["epsilon"], cfg["epsilon_high"])
@@ -834,6 +843,7 @@ def parse_args(argv=None):
     g.add_argument("--num-iterations", type=int, default=d["num_iterations"])
     g.add_argument("--credit", choices=("sequence", "attribute"), default=d["credit"])
     g.add_argument("--entropy-coef", type=float, default=d["entropy_coef"], help="entropy bonus on score tokens")
+    g.add_argument("--entropy-vocab", default=d["entropy_vocab"], help="the tokens (characters) the entropy bonus is taken over")
     g = ap.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=d["lr"])
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
