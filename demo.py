@@ -231,7 +231,9 @@ def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
 
 
 def attribute_mean(m: dict) -> float:
-    return float(np.mean([m[a] for a in ATTRIBUTES]))
+    """Mean SRCC of the five; an attribute whose greedy answer is constant (SRCC undefined, NaN)
+    counts as 0, the rank correlation a constant predictor earns."""
+    return float(np.mean([0.0 if math.isnan(m[a]) else m[a] for a in ATTRIBUTES]))
 
 
 def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablation: bool, log=print):
@@ -350,7 +352,8 @@ def main(args) -> int:
 
 
 def print_table(summary: dict, log=print) -> None:
-    log(f"{'held-out SRCC':14s} " + " ".join(f"{a:>11s}" for a in ATTRIBUTES) + "        mean")
+    log("held-out SRCC; nan = the same greedy answer for every image (counted as 0 in the mean)")
+    log(f"{'':14s} " + " ".join(f"{a:>11s}" for a in ATTRIBUTES) + "        mean")
     for name in ("warmup", "final", "ablation"):
         if name in summary:
             m = summary[name]
