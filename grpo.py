@@ -589,16 +589,17 @@ class PolicyLogprobs(nn.Module):
 
 
 def within_batch_srcc(scores, labels) -> list[float]:
-    """Spearman correlation, per attribute, of the mean rollout score against the batch labels."""
+    """Spearman correlation, per attribute, of the mean rollout score (B, K, A) against the batch
+    labels (B, A); NaN where fewer than 3 images have both, or either side is constant."""
+    import evaluate
+
     out = []
     for a in range(len(ATTRIBUTES)):
-        x, y = np.nanmean(scores[:, :, a].numpy(), 1) if not np.all(np.isnan(scores[:, :, a].numpy())) else np.full(len(labels), np.nan), labels[:, a].numpy()
+        s, y = scores[:, :, a].numpy(), labels[:, a].numpy()
+        valid = ~np.isnan(s)
+        x = np.where(valid.any(1), np.where(valid, s, 0).sum(1) / np.maximum(valid.sum(1), 1), np.nan)
         ok = ~(np.isnan(x) | np.isnan(y))
-        if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
-            out.append(float("nan"))
-            continue
-        rx, ry = np.argsort(np.argsort(x[ok])), np.argsort(np.argsort(y[ok]))
-        out.append(float(np.corrcoef(rx, ry)[0, 1]))
+        out.append(float(evaluate.srcc(x[ok], y[ok])) if ok.sum() >= 3 else float("nan"))  # ties as scipy
     return out
 
 
