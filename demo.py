@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -83,9 +84,13 @@ class Demo:
         self.family = torch.tensor([FAMILIES.index(r.family) for r in records])
         self.train = [r for r in records if r.split == "train"]
         self.heldout = [r for r in records if r.split != "train"]
+        self.train_idx = self.indices(self.train)
         self.pixels, self.grid = patchify(images, processor.image_processor)  # (N, patches, C), (3,)
         log(f"data: {len(self.train)} train / {len(self.heldout)} held-out images of {cfg.image_size}px "
             f"in {time.perf_counter() - t:.1f}s")
+
+    def indices(self, records) -> torch.Tensor:
+        return torch.tensor([self.index[r.image] for r in records])
 
     def prompts(self, model, processor, idx) -> grpo.Prompts:
         """Encoded prompts for images idx without the processor: all prompts are identical."""
@@ -127,7 +132,7 @@ def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
     vis = model.model.visual
     head = nn.Linear(model.config.text_config.hidden_size, len(FAMILIES))
     opt = torch.optim.AdamW(list(vis.parameters()) + list(head.parameters()), lr=cfg.probe_lr)
-    train_idx = torch.tensor([demo.index[r.image] for r in demo.train])
+    train_idx = demo.train_idx
     g = torch.Generator().manual_seed(cfg.seed)
     t = time.perf_counter()
     model.train()
@@ -161,7 +166,7 @@ def train_format(model, processor, demo: Demo, cfg: DemoConfig, log=print):
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.format_lr)
-    train_idx = torch.tensor([demo.index[r.image] for r in demo.train])
+    train_idx = demo.train_idx
     g = torch.Generator().manual_seed(cfg.seed + 1)
     t = time.perf_counter()
     model.train()
@@ -191,7 +196,7 @@ def family_aux_loss(processor, demo: Demo, cfg: DemoConfig):
     tok = processor.tokenizer
     think = tok.convert_tokens_to_ids("<think>")
     words = torch.tensor([answer_ids(processor, w)[1] for w in WORDS])
-    train_idx = torch.tensor([demo.index[r.image] for r in demo.train])
+    train_idx = demo.train_idx
 
     def loss(model):
         idx = train_idx[torch.randint(len(train_idx), (cfg.aux_batch,))]
@@ -207,7 +212,7 @@ def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
     import evaluate
 
     model.eval()
-    idx = torch.tensor([demo.index[r.image] for r in demo.heldout])
+    idx = demo.indices(demo.heldout)
     eos, banned, pad = mgiqa.eos_ids(model, processor), mgiqa.banned_token_ids(processor), processor.tokenizer.pad_token_id
     texts = []
     for s in range(0, len(idx), 120):
@@ -253,7 +258,7 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
         m.train()
         return {a: round(result[a], 3) for a in ATTRIBUTES}
 
-    images_of = lambda records: demo.prompts(model, processor, torch.tensor([demo.index[r.image] for r in records]))  # noqa: E731
+    images_of = lambda records: demo.prompts(model, processor, demo.indices(records))  # noqa: E731
     torch.manual_seed(cfg.seed)
     grpo.train(gcfg, model, processor, sampler, images_of, ref_model=ref,
                aux_loss=family_aux_loss(processor, demo, cfg), eval_fn=eval_fn, log=log)
@@ -298,7 +303,7 @@ def main(args) -> int:
     out = Path(args.out if args.out != grpo.DEFAULTS["out"] else "runs/demo")
     out.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig(seed=args.seed)
-    for key, value in json.loads(__import__("os").environ.get("MGIQA_DEMO", "{}")).items():
+    for key, value in json.loads(os.environ.get("MGIQA_DEMO", "{}")).items():
         setattr(cfg, key, type(getattr(cfg, key))(value))  # reduced variants (the CI test) override fields
     if args.threads is None:
         torch.set_num_threads(2)

@@ -6,7 +6,7 @@ b2 = min(y), b3 = mean(x), b4 = std(x) / 4, as pyiqa and DeQA-Score); parse fail
 replaced. Metrics are numpy only and handle ties as scipy.stats does; the fit is Levenberg-Marquardt.
 
     python evaluate.py --model runs/demo/final --data koniq=/data/koniq10k spaq=/data/spaq --out runs/eval
-    python evaluate.py --model tiny --data manifest=runs/synth --split test --limit 20 --out /tmp/ev  # offline
+    python evaluate.py --model tiny --data manifest=runs/synth --split test --limit 20 --out runs/ev  # offline
     python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --suite --data-root /data --out runs/eval_suite
     python evaluate.py --compare runs/a/koniq.jsonl runs/b/koniq.jsonl     # files or folders of *.jsonl
 

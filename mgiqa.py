@@ -27,6 +27,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 ATTRIBUTES = ("sharpness", "color", "noise", "composition", "overall")
@@ -362,11 +363,14 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: 
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    target = _resolve_device(device)
     if name_or_path in SIZES:
         model, processor = tiny_vlm(0, name_or_path)
+        if dtype != "auto":
+            model = model.to(getattr(torch, dtype))
     else:
         path = str(name_or_path)
-        looks_local = os.path.isabs(path) or path.startswith(".") or os.sep in path.strip("/") and path.count("/") != 1
+        looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1  # a hub id is "org/name"
         if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: no config.json there, so it is not a model checkpoint folder")
         if not os.path.exists(path) and looks_local:
@@ -378,7 +382,6 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: 
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{path}: model type {config.model_type!r} is not a supported VLM "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        target = _resolve_device(device)
         torch_dtype = (torch.bfloat16 if target.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False).eval()
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
@@ -388,9 +391,6 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: 
         processor.image_processor.size = {**dict(processor.image_processor.size or {}), "longest_edge": max_pixels}
     if adapter is not None:
         apply_adapter(model, adapter)
-    target = _resolve_device(device)
-    if dtype != "auto" and name_or_path in SIZES:
-        model = model.to(getattr(torch, dtype))
     return model.to(target), processor
 
 
@@ -464,8 +464,8 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
             samples = completions[i * num_samples:(i + 1) * num_samples]
             parsed = np.array([[parse_answer(c)[a] for a in ATTRIBUTES] for c in samples])  # (S, A)
             strict = [parse_answer(c, strict=True, thinking=thinking) is not None for c in samples]
-            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
-                __import__("warnings").simplefilter("ignore", RuntimeWarning)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN is the answer
                 mean = np.nanmean(parsed, axis=0)
                 std = np.nanstd(parsed, axis=0, ddof=1) if num_samples > 1 else None
             result = {"image": image if isinstance(image, str) else getattr(image, "filename", "") or f"<image {start + i}>"}
