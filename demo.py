@@ -11,11 +11,16 @@ What it does (the recipe measured in ../shared/PITFALLS.md, third experiment):
 2. Model: tiny_vlm(size="demo"), a 0.7M-parameter Qwen2.5-VL (the size the recipe learned with;
    a step of B=16 x K=8 rollouts costs about half a second on two cores).
 3. Warm-up, which never sees a quality label or level (what a pretrained VLM would bring):
-   a. perception: the vision tower and a linear probe on its mean-pooled output learn the distortion
-      FAMILY (clean / blurry / noisy / dull / offcentre); the probe is thrown away;
+   a. perception: the vision tower and a probe (batch norm + linear) on its mean-pooled output learn
+      the distortion FAMILY (clean / blurry / noisy / dull / offcentre); the probe is thrown away.
+      Part of the patch embedding starts as random high-pass filters (init_filters: what a pretrained
+      ViT's first layer has and a random one lacks), and the tower learns at 3e-4, the head at 3e-3.
+      With one learning rate of 3e-3, a plain linear head and random filters, held-out family
+      accuracy stayed at ~.45 after 1,500 steps; with these three, .88 after 1,200 (measured);
    b. format: supervised answers `<think>FAMILY</think><answer>{...}</answer>` whose score positions
       are pushed toward a UNIFORM distribution over the digits 1-5 (no score information at all).
-4. GRPO with the multi-dimensional Thurstone reward (full fine-tuning, reference = the warm-up model)
+4. GRPO with the multi-dimensional Thurstone reward (the language model fully fine-tuned, the vision
+   tower frozen as the probe left it, reference = the warm-up model, 20 learning-rate warm-up steps)
    and the options the recipe needs: attribute-specific credit, tied pairs left out, an entropy
    bonus on score tokens, and the family-word loss kept as an auxiliary loss on other images.
 5. Held-out evaluation of the warm-up and final checkpoints: overall SRCC over all held-out images;
@@ -71,7 +76,7 @@ class DemoConfig:
     warmup_steps: int = 20          # without it, Adam's first full-size step wrecked the format (parse .70 -> .06)
     beta: float = 0.05
     gamma: float = 0.05
-    entropy_coef: float = 0.5
+    entropy_coef: float = 0.2       # 0.5 (PITFALLS) learned too: color .789 and overall .719 at step 450 against .817 and .783
     aux_weight: float = 1.0
     aux_batch: int = 16
     max_new_tokens: int = 20
