@@ -313,19 +313,21 @@ def plot_curve(curves: dict, path: Path) -> None:
     for v in (0.0, 0.5, 0.8, 1.0):
         d.line([pad, y(v), W - pad, y(v)], fill="#dddddd")
         d.text((5, y(v) - 6), f"{v:.1f}", fill="black")
-    d.text((W // 2 - 60, H - pad + 15), "GRPO step", fill="black")
-    d.text((pad, 15), "held-out SRCC (attributes within their family; dashed: ablation)", fill="black")
+    d.text((W // 2 - 30, H - pad + 20), "GRPO step", fill="black")
+    for s in sorted({p["step"] for p in points}):
+        d.text((x(s) - 8, H - pad + 4), str(s), fill="black")
+    d.text((pad, 10), "held-out SRCC (attributes within their family; dashed: ablation)", fill="black")
+    d.text((pad, 24), "a constant answer (SRCC undefined) is drawn at 0, as a hollow dot", fill="black")
     for (name, curve) in curves.items():
         for a, color in zip(ATTRIBUTES, colors):
-            pts = [(x(p["step"]), y(p[a])) for p in curve if not math.isnan(p[a])]
-            if len(pts) > 1:
-                if name == "ablation":
-                    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-                        d.line([x0, y0, (x0 + x1) / 2, (y0 + y1) / 2], fill=color, width=2)
-                else:
-                    d.line(pts, fill=color, width=2)
+            pts = [(x(p["step"]), y(0.0 if math.isnan(p[a]) else p[a]), math.isnan(p[a])) for p in curve]
+            for (x0, y0, _), (x1, y1, _) in zip(pts, pts[1:]):
+                end = ((x0 + x1) / 2, (y0 + y1) / 2) if name == "ablation" else (x1, y1)
+                d.line([x0, y0, *end], fill=color, width=2)
+            for px, py, constant in pts:
+                d.ellipse([px - 3, py - 3, px + 3, py + 3], outline=color, fill="white" if constant else color)
     for i, (a, color) in enumerate(zip(ATTRIBUTES, colors)):
-        d.text((W - pad - 90, pad + 8 + 14 * i), a, fill=color)
+        d.text((W - pad - 5 * 95 + 95 * i, 36), a, fill=color)
     img.save(path)
 
 
