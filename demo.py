@@ -153,11 +153,12 @@ def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
     (cross-entropy); the probe is discarded. Warm-up then cosine learning rate; the batch norm lets
     the probe read the tower's small differences between images from the first step."""
     vis = model.model.visual
-    head = nn.Sequential(nn.BatchNorm1d(model.config.text_config.hidden_size), nn.Linear(model.config.text_config.hidden_size, len(FAMILIES)))
+    D = model.config.text_config.hidden_size
+    head = nn.Sequential(nn.BatchNorm1d(D), nn.Linear(D, len(FAMILIES)))
     opt = torch.optim.AdamW([{"params": list(vis.parameters()), "lr": cfg.probe_vision_lr},
                              {"params": list(head.parameters()), "lr": cfg.probe_lr}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / cfg.probe_steps)))
-    train_idx = demo.train_idx
+    train_idx, held = demo.train_idx, demo.indices(demo.heldout)
     g = torch.Generator().manual_seed(cfg.seed)
     t = time.perf_counter()
     model.train()
@@ -171,7 +172,6 @@ def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
         if (step + 1) % 250 == 0 or step + 1 == cfg.probe_steps:
             head.eval()
             with torch.no_grad():  # held-out images are only looked at, for the log
-                held = demo.indices(demo.heldout)
                 acc = (head(pooled_features(model, demo, held)).argmax(-1) == demo.family[held]).float().mean().item()
             head.train()
             log(f"probe step {step + 1}: loss {loss.item():.3f} held-out family accuracy {acc:.2f} ({time.perf_counter() - t:.0f}s)")

@@ -624,7 +624,7 @@ def grpo_step(cfg, model, processor, policy, batch, images, ref_model=None, aux_
     # the entropy bonus acts on the score's own vocabulary (the digits): over the full vocabulary it
     # pushed probability off the digits and broke the answer format within a few steps
     score_vocab = [i for i in processor.tokenizer.convert_tokens_to_ids(list(cfg["entropy_vocab"]))
-                   if i is not None and i != processor.tokenizer.unk_token_id]
+                   if i is not None and i != processor.tokenizer.unk_token_id] if cfg["entropy_coef"] > 0 else False
     attr_tokens = score_token_attributes(processor.tokenizer, ids, mask) if need_tokens else torch.full_like(ids, -1)
     adv = token_advantages(rewards, attr_tokens, cfg["credit"])  # (B*K, Tc)
     t2 = time.perf_counter()
@@ -655,7 +655,7 @@ def grpo_step(cfg, model, processor, policy, batch, images, ref_model=None, aux_
             sync = contextlib.nullcontext() if gi == len(groups) - 1 or not hasattr(policy, "no_sync") else policy.no_sync()
             with sync:
                 out = policy(select(p, g), K, ids[rows], mask[rows], cfg["temperature"], banned, shared,
-                             entropy=score_vocab if cfg["entropy_coef"] > 0 else False)
+                             entropy=score_vocab)
                 logp, ent = out if cfg["entropy_coef"] > 0 else (out, None)
                 old_logp = old[rows] if old is not None else logp.detach()
                 per_token, clipped = clipped_surrogate(logp, old_logp, adv[rows], cfg["epsilon"], cfg["epsilon_high"])
