@@ -74,6 +74,7 @@ class DemoConfig:
     batch_size: int = 16
     num_generations: int = 8
     lr: float = 5e-4
+    schedule: str = "constant"      # grpo.py's learning-rate schedule after the warm-up steps: constant / cosine
     warmup_steps: int = 20          # without it, Adam's first full-size step wrecked the format (parse .70 -> .06)
     beta: float = 0.05
     gamma: float = 0.05
@@ -92,6 +93,7 @@ class Demo:
         n = cfg.n_train + cfg.n_heldout
         images, records = data.synthesize(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
                                           heldout_frac=cfg.n_heldout / n)
+        self.log = log
         self.records, self.index = records, {r.image: i for i, r in enumerate(records)}
         self.family = torch.tensor([FAMILIES.index(r.family) for r in records])
         self.train = [r for r in records if r.split == "train"]
@@ -100,6 +102,18 @@ class Demo:
         self.pixels, self.grid = patchify(images, processor.image_processor)  # (N, patches, C), (3,)
         log(f"data: {len(self.train)} train / {len(self.heldout)} held-out images of {cfg.image_size}px "
             f"in {time.perf_counter() - t:.1f}s")
+
+    features = None  # (N, tokens, D) vision-tower outputs while the tower is frozen (cache_features)
+
+    def cache_features(self, model, chunk: int = 512) -> None:
+        """Run the (from now on frozen) vision tower once over every image; prompts then carry its
+        output instead of pixels, so no later stage runs the tower again (same numbers)."""
+        t = time.perf_counter()
+        self.features = None
+        with torch.no_grad():
+            self.features = torch.cat([torch.stack(pooled_tokens(model, self, torch.arange(s, min(s + chunk, len(self.pixels)))))
+                                       for s in range(0, len(self.pixels), chunk)])
+        self.log(f"vision features of {len(self.features)} images cached in {time.perf_counter() - t:.1f}s")
 
     def indices(self, records) -> torch.Tensor:
         return torch.tensor([self.index[r.image] for r in records])
@@ -113,7 +127,7 @@ class Demo:
         t, n = self._template, len(idx)
         return grpo.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
                             t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
-                            self.grid.expand(n, 3), t.shared)
+                            self.grid.expand(n, 3), t.shared, None if self.features is None else tuple(self.features[idx]))
 
 
 def patchify(images: np.ndarray, image_processor):
@@ -179,11 +193,14 @@ def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
             log(f"probe step {step + 1}: loss {loss.item():.3f} held-out family accuracy {acc:.2f} ({time.perf_counter() - t:.0f}s)")
 
 
+def pooled_tokens(model, demo: Demo, idx) -> tuple:
+    """The vision tower's output tokens for images idx: one (tokens, D) tensor each."""
+    return model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), demo.grid.expand(len(idx), 3),
+                                          return_dict=True).pooler_output
+
+
 def pooled_features(model, demo: Demo, idx):
-    n = len(idx)
-    out = model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), demo.grid.expand(n, 3),
-                                         return_dict=True).pooler_output
-    return torch.stack(out).mean(1)  # (n, D)
+    return torch.stack(pooled_tokens(model, demo, idx)).mean(1)  # (n, D)
 
 
 def train_format(model, processor, demo: Demo, cfg: DemoConfig, log=print):
@@ -276,8 +293,10 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.requires_grad_(True)
     model.model.visual.requires_grad_(cfg.grpo_vision)
+    if cfg.grpo_vision:
+        demo.features = None  # the tower changes from here on: run it on the pixels
     gcfg = {**grpo.DEFAULTS, "out": str(out_dir), "seed": cfg.seed, "steps": cfg.grpo_steps, "full": True,
-            "batch_size": cfg.batch_size, "warmup_steps": cfg.warmup_steps, "num_generations": cfg.num_generations, "lr": cfg.lr, "beta": cfg.beta,
+            "batch_size": cfg.batch_size, "warmup_steps": cfg.warmup_steps, "num_generations": cfg.num_generations, "lr": cfg.lr, "schedule": cfg.schedule, "beta": cfg.beta,
             "gamma": cfg.gamma, "ignore_ties": True, "entropy_coef": cfg.entropy_coef, "entropy_vocab": "12345", "max_new_tokens": cfg.max_new_tokens,
             "credit": "sequence" if ablation else "attribute", "weights": (0, 0, 0, 0, 1.0) if ablation else None,
             "save_every": 100, "keep": 1, "eval_every": cfg.eval_every, "model": "demo"}
@@ -361,6 +380,7 @@ def main(args) -> int:
             raise SystemExit(f"error: {warm_dir} has no warm-up checkpoint; run `python grpo.py --demo --out {out}` first")
         model, processor = mgiqa.load(str(warm_dir), device="cpu")
         grpo.fast_vision(model)
+        demo.cache_features(model)
         curve = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
         result = evaluate_heldout(model, processor, demo, cfg)
         summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {"all_images": result["all_images"]}
@@ -369,6 +389,7 @@ def main(args) -> int:
     else:
         init_filters(model, cfg.filters, cfg.filter_gain, cfg.seed)
         train_probe(model, demo, cfg, log)
+        demo.cache_features(model)  # the tower stays as the probe left it (unless cfg.grpo_vision)
         train_format(model, processor, demo, cfg, log)
         model.save_pretrained(warm_dir)
         processor.save_pretrained(warm_dir)

@@ -167,6 +167,8 @@ class Prompts:
     pixel_values: torch.Tensor    # (sum of patches, C)
     image_grid_thw: torch.Tensor  # (B, 3)
     shared: int = 0               # leading tokens identical in every row (the instruction): prefilled once
+    features: tuple | None = None  # per image, the vision tower's output computed beforehand (a frozen
+                                   # tower, e.g. the demo's): used instead of running the tower on the pixels
 
 
 def encode_prompts(model, processor, images, thinking=True) -> Prompts:
@@ -206,13 +208,17 @@ def repeat_prompts(p: Prompts, K: int) -> Prompts:
     patches = p.image_grid_thw.prod(-1).tolist()
     blocks = torch.split(p.pixel_values, patches)
     pixels = torch.cat([b for b in blocks for _ in range(K)])
+    features = None if p.features is None else tuple(f for f in p.features for _ in range(K))
     return Prompts(p.input_ids.repeat_interleave(K, 0), p.attention_mask.repeat_interleave(K, 0),
                    p.positions.repeat_interleave(K, 1), p.next_position.repeat_interleave(K, 0),
-                   pixels, p.image_grid_thw.repeat_interleave(K, 0), p.shared)
+                   pixels, p.image_grid_thw.repeat_interleave(K, 0), p.shared, features)
 
 
 def image_features(model, p: Prompts):
     """One vision-tower pass; returns the encoder output whose pooler_output holds one block per image."""
+    if p.features is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        return BaseModelOutputWithPooling(pooler_output=p.features)
     return model.model.get_image_features(p.pixel_values, p.image_grid_thw, return_dict=True)
 
 
@@ -574,7 +580,8 @@ def select(p: Prompts, idx: list[int]) -> Prompts:
     """The prompts of some images (idx), with their pixel rows."""
     blocks = torch.split(p.pixel_values, p.image_grid_thw.prod(-1).tolist())
     return Prompts(p.input_ids[idx], p.attention_mask[idx], p.positions[:, idx], p.next_position[idx],
-                   torch.cat([blocks[i] for i in idx]), p.image_grid_thw[idx], p.shared)
+                   torch.cat([blocks[i] for i in idx]), p.image_grid_thw[idx], p.shared,
+                   None if p.features is None else tuple(p.features[i] for i in idx))
 
 
 class PolicyLogprobs(nn.Module):

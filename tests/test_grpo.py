@@ -170,6 +170,37 @@ def test_logprobs_equal_naive_full_softmax(fresh, shared):
     assert (got.double() - want)[m].abs().max() < 1e-5
 
 
+def test_precomputed_features_give_the_same_rollouts_and_logprobs(fresh):
+    """A frozen tower's output carried by the prompts (the demo's cache) stands in for the pixels:
+    same sampled tokens, same log-probs on both paths, also after select()."""
+    import dataclasses
+
+    model, processor = fresh
+    images, K = random_images(3), 2
+    p = grpo.encode_prompts(model, processor, images)
+    with torch.no_grad():
+        cached = dataclasses.replace(p, features=tuple(grpo.image_features(model, p).pooler_output))
+    eos, pad, banned = mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id, mgiqa.banned_token_ids(processor)
+    ids = {}
+    for name, q in (("pixels", p), ("cached", cached)):
+        torch.manual_seed(0)
+        ids[name] = grpo.rollout(model, q, K, 8, eos, pad, banned)
+    assert torch.equal(ids["pixels"], ids["cached"])
+    mask = grpo.completion_mask(ids["pixels"], eos)
+    rows = [r for i in (2, 0) for r in range(i * K, (i + 1) * K)]
+    with torch.no_grad():
+        for shared in (True, False):
+            want = grpo.completion_logprobs(model, p, K, ids["pixels"], mask, 1.0, banned, shared)
+            got = grpo.completion_logprobs(model, cached, K, ids["pixels"], mask, 1.0, banned, shared)
+            assert (got - want).abs().max() < 1e-5
+            sub = grpo.completion_logprobs(model, grpo.select(cached, [2, 0]), K, ids["pixels"][rows], mask[rows], 1.0,
+                                           banned, shared)
+            assert (sub - want[rows]).abs().max() < 1e-5
+    bad = dataclasses.replace(cached, features=tuple(f + 1.0 for f in cached.features))  # the cache is really used
+    with torch.no_grad():
+        assert (grpo.completion_logprobs(model, bad, K, ids["pixels"], mask, 1.0, banned) - want).abs().max() > 1e-3
+
+
 def test_token_logprobs_chunks_banned_and_entropy(fresh):
     model, processor = fresh
     torch.manual_seed(0)
