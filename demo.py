@@ -9,7 +9,8 @@ What it does (the recipe measured in ../shared/PITFALLS.md, third experiment):
    graded level; ground truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one,
    overall = the minimum. Held-out scenes are disjoint from training scenes.
 2. Model: tiny_vlm(size="demo"), a 0.7M-parameter Qwen2.5-VL (the size the recipe learned with;
-   a step of B=16 x K=8 rollouts costs about half a second on two cores).
+   a step of B=16 x K=8 rollouts costs about 0.6 s on two cores), with rope_theta 4 so that its
+   language model can tell the image tokens' positions apart (composition needs it; mgiqa.SIZES).
 3. Warm-up, which never sees a quality label or level (what a pretrained VLM would bring):
    a. perception: the vision tower and a probe (batch norm + linear) on its mean-pooled output learn
       the distortion FAMILY (clean / blurry / noisy / dull / offcentre); the probe is thrown away.
@@ -20,14 +21,16 @@ What it does (the recipe measured in ../shared/PITFALLS.md, third experiment):
    b. format: supervised answers `<think>FAMILY</think><answer>{...}</answer>` whose score positions
       are pushed toward a UNIFORM distribution over the digits 1-5 (no score information at all).
 4. GRPO with the multi-dimensional Thurstone reward (the language model fully fine-tuned, the vision
-   tower frozen as the probe left it, reference = the warm-up model, 20 learning-rate warm-up steps)
-   and the options the recipe needs: attribute-specific credit, tied pairs left out, an entropy
-   bonus on score tokens, and the family-word loss kept as an auxiliary loss on other images.
+   tower frozen as the probe left it, so its output is computed once per image: Demo.cache_features;
+   no KL term; lr 1e-3 after 20 warm-up steps, cosine to 0) and the options the recipe needs:
+   attribute-specific credit, tied pairs left out, an entropy bonus on score tokens, and the
+   family-word loss kept as an auxiliary loss on other images.
 5. Held-out evaluation of the warm-up and final checkpoints: overall SRCC over all held-out images;
    each attribute's SRCC over the images where it varies (its family plus the clean ones).
 
-Departures: integer scores (one token each) instead of two decimals, and the options above; all
-are grpo.py flags whose defaults keep VisualQuality-R1's behaviour.
+Departures: integer scores (one token each) instead of two decimals, no KL term (VisualQuality-R1:
+beta 0.04; here the reference's score digits are uniform by construction), and the options above;
+all are grpo.py flags whose defaults keep VisualQuality-R1's behaviour.
 """
 from __future__ import annotations
 
