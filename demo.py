@@ -293,7 +293,7 @@ def attribute_mean(m: dict) -> float:
 
 
 def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablation: bool, log=print):
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None  # the KL term's reference
     model.requires_grad_(True)
     model.model.visual.requires_grad_(cfg.grpo_vision)
     if cfg.grpo_vision:
