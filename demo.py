@@ -96,7 +96,7 @@ class Demo:
         n = cfg.n_train + cfg.n_heldout
         images, records = data.synthesize(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
                                           heldout_frac=cfg.n_heldout / n)
-        self.log = log
+        self.log, self.features = log, None  # features: (N, tokens, D) while the tower is frozen (cache_features)
         self.records, self.index = records, {r.image: i for i, r in enumerate(records)}
         self.family = torch.tensor([FAMILIES.index(r.family) for r in records])
         self.train = [r for r in records if r.split == "train"]
@@ -106,13 +106,10 @@ class Demo:
         log(f"data: {len(self.train)} train / {len(self.heldout)} held-out images of {cfg.image_size}px "
             f"in {time.perf_counter() - t:.1f}s")
 
-    features = None  # (N, tokens, D) vision-tower outputs while the tower is frozen (cache_features)
-
     def cache_features(self, model, chunk: int = 512) -> None:
         """Run the (from now on frozen) vision tower once over every image; prompts then carry its
         output instead of pixels, so no later stage runs the tower again (same numbers)."""
         t = time.perf_counter()
-        self.features = None
         with torch.no_grad():
             self.features = torch.cat([torch.stack(pooled_tokens(model, self, torch.arange(s, min(s + chunk, len(self.pixels)))))
                                        for s in range(0, len(self.pixels), chunk)])
