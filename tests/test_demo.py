@@ -7,6 +7,12 @@ import os
 import subprocess
 import sys
 
+import math
+
+import numpy as np
+import pytest
+
+import data
 import demo
 import mgiqa
 
@@ -30,3 +36,26 @@ def test_reduced_demo_grpo_beats_warmup(tmp_path):
     assert (out / "learning_curve.png").is_file() and (out / "final" / "config.json").is_file()
     model, processor = mgiqa.load(str(out / "final"), device="cpu")  # the final checkpoint opens as a plain model
     assert model.config.model_type == "qwen2_5_vl"
+
+
+def test_heldout_srcc_within_family_all_images_and_overall_in_place():
+    # two clean images (MOS 5) and every family at levels 1 and 2 (MOS 4, 3; the family's attribute
+    # likewise, the other attributes 5)
+    recs = [data.Record(f"c{i}", "demo", "synthetic", mos=5.0, attributes=dict.fromkeys(mgiqa.ATTRIBUTES[:-1], 5.0),
+                        family=None, level=0) for i in range(2)]
+    for fam, attr in data.FAMILY_TO_ATTRIBUTE.items():
+        for level, q in ((1, 4.0), (2, 3.0)):
+            recs.append(data.Record(f"{fam}{level}", "demo", "synthetic", mos=q, family=fam, level=level,
+                                    attributes={a: (q if a == attr else 5.0) for a in mgiqa.ATTRIBUTES[:-1]}))
+    mos = np.array([r.mos for r in recs])
+    pred = np.stack([mos,                                            # sharpness: the overall copied
+                     np.array([r.attributes["color"] for r in recs]),  # color: the attribute itself
+                     np.full(len(recs), 3.0),                        # noise: constant
+                     mos, mos], 1)                                   # composition copied; overall
+    out = demo.heldout_srcc(pred, recs)
+    assert out["overall"] == pytest.approx(1.0)
+    assert out["sharpness"] == pytest.approx(1.0) and out["color"] == pytest.approx(1.0)  # within family both are perfect
+    # over all ten images the copy falls to 2/9 (worked by hand: Pearson of average ranks 12 / sqrt(40.5 * 72))
+    assert out["all_images"]["sharpness"] == pytest.approx(2 / 9) and out["all_images"]["color"] == pytest.approx(1.0)
+    assert math.isnan(out["noise"])  # a constant answer has no rank correlation
+    assert out["overall_as_attribute"] == pytest.approx(dict.fromkeys(mgiqa.ATTRIBUTES[:-1], 1.0))
