@@ -50,6 +50,7 @@ import torch.nn.functional as F
 import data
 import grpo
 import mgiqa
+import rollouts
 from mgiqa import ATTRIBUTES
 
 FAMILIES = (None, "blur", "noise", "color", "composition")
@@ -119,14 +120,14 @@ class Demo:
     def indices(self, records) -> torch.Tensor:
         return torch.tensor([self.index[r.image] for r in records])
 
-    def prompts(self, model, processor, idx) -> grpo.Prompts:
+    def prompts(self, model, processor, idx) -> rollouts.Prompts:
         """Encoded prompts for images idx without the processor: all prompts are identical."""
         if not hasattr(self, "_template"):  # one real encoding gives the token layout and rope positions
             from PIL import Image
             side = (int(self.grid[2]) * 14, int(self.grid[1]) * 14)
-            self._template = grpo.encode_prompts(model, processor, [Image.new("RGB", side)])
+            self._template = rollouts.encode_prompts(model, processor, [Image.new("RGB", side)])
         t, n = self._template, len(idx)
-        return grpo.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
+        return rollouts.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
                             t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
                             self.grid.expand(n, 3), t.shared, None if self.features is None else tuple(self.features[idx]))
 
@@ -225,7 +226,7 @@ def train_format(model, processor, demo: Demo, cfg: DemoConfig, log=print):
         # random digits as inputs at the score positions, so every continuation after a score is seen
         ids[:, is_digit] = digit_ids[torch.randint(5, (len(idx), int(is_digit.sum())), generator=g)]
         p = demo.prompts(model, processor, idx)
-        logits = model.lm_head(grpo.completion_hidden(model, p, 1, ids, torch.ones_like(ids))).float()  # (b, Tc, V)
+        logits = model.lm_head(rollouts.completion_hidden(model, p, 1, ids, torch.ones_like(ids))).float()  # (b, Tc, V)
         logp = logits.log_softmax(-1)
         nll = -logp.gather(2, ids[..., None]).squeeze(-1)  # (b, Tc)
         uniform = -logp[:, is_digit][..., digit_ids].mean(-1)  # cross-entropy against uniform over 1-5
@@ -251,7 +252,7 @@ def family_aux_loss(processor, demo: Demo, cfg: DemoConfig):
         idx = train_idx[torch.randint(len(train_idx), (cfg.aux_batch,))]
         ids = torch.stack([torch.full((len(idx),), think), words[demo.family[idx]]], 1)  # (b, 2)
         p = demo.prompts(model, processor, idx)
-        hidden = grpo.completion_hidden(model, p, 1, ids, torch.ones_like(ids))
+        hidden = rollouts.completion_hidden(model, p, 1, ids, torch.ones_like(ids))
         return cfg.aux_weight * F.cross_entropy(model.lm_head(hidden[:, 1]).float(), ids[:, 1])
     return loss
 
@@ -264,7 +265,7 @@ def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
     texts = []
     for s in range(0, len(idx), 120):
         p = demo.prompts(model, processor, idx[s:s + 120])
-        ids = grpo.rollout(model, p, 1, cfg.max_new_tokens, eos, pad, banned, temperature=0.0)
+        ids = rollouts.rollout(model, p, 1, cfg.max_new_tokens, eos, pad, banned, temperature=0.0)
         texts += mgiqa.decode_completions(processor, ids, eos)
     pred = np.array([[mgiqa.parse_answer(t)[a] for a in ATTRIBUTES] for t in texts])  # (N, A)
     recs = demo.heldout
@@ -384,14 +385,14 @@ def main(args) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     torch.manual_seed(cfg.seed)
     model, processor = mgiqa.tiny_vlm(cfg.seed, "demo")
-    grpo.fast_vision(model)
+    rollouts.fast_vision(model)
     demo = Demo(cfg, processor, log)
     warm_dir = out / "warmup"
     if args.ablation:
         if not (warm_dir / "config.json").is_file():
             raise SystemExit(f"error: {warm_dir} has no warm-up checkpoint; run `python grpo.py --demo --out {out}` first")
         model, processor = mgiqa.load(str(warm_dir), device="cpu")
-        grpo.fast_vision(model)
+        rollouts.fast_vision(model)
         demo.cache_features(model)
         curve = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
         result = evaluate_heldout(model, processor, demo, cfg)

@@ -67,7 +67,7 @@ def build_prompt(thinking: bool = True) -> str:
 def build_messages(thinking: bool = True) -> list[dict]:
     """Chat messages with one image slot, in the Qwen-VL content layout."""
     # The instruction before the image: every prompt then starts with the same tokens, which a
-    # trainer computes once per batch instead of once per image (grpo.prefill).
+    # trainer computes once per batch instead of once per image (rollouts.prefill).
     return [{"role": "user", "content": [{"type": "text", "text": build_prompt(thinking)}, {"type": "image"}]}]
 
 

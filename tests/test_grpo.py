@@ -21,8 +21,10 @@ from PIL import Image
 
 import data
 import grpo
+import lora
 import mgiqa
 import reward
+import rollouts
 from mgiqa import ATTRIBUTES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,16 +64,16 @@ def randomize_lora(model, seed=1, std=0.1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, grpo.LoRALinear):
+            if isinstance(m, lora.LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
 
 
 def sample(model, processor, images, K=3, T=10, seed=0, **kw):
-    p = grpo.encode_prompts(model, processor, images)
+    p = rollouts.encode_prompts(model, processor, images)
     eos, pad = mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id
     torch.manual_seed(seed)
-    ids = grpo.rollout(model, p, K, T, eos, pad, mgiqa.banned_token_ids(processor), **kw)
-    return p, ids, grpo.completion_mask(ids, eos)
+    ids = rollouts.rollout(model, p, K, T, eos, pad, mgiqa.banned_token_ids(processor), **kw)
+    return p, ids, rollouts.completion_mask(ids, eos)
 
 
 def cut_row(ids, row, at, eos, pad):
@@ -161,9 +163,9 @@ def test_logprobs_equal_naive_full_softmax(fresh, shared):
     eos, pad, banned = mgiqa.eos_ids(model, processor)[0], processor.tokenizer.pad_token_id, mgiqa.banned_token_ids(processor)
     p, ids, _ = sample(model, processor, images, K, T=10)
     ids = cut_row(ids, 1, 4, eos, pad)
-    mask = grpo.completion_mask(ids, [eos])
+    mask = rollouts.completion_mask(ids, [eos])
     with torch.no_grad():
-        got = grpo.completion_logprobs(model, p, K, ids, mask, temperature, banned, shared_prefix=shared)
+        got = rollouts.completion_logprobs(model, p, K, ids, mask, temperature, banned, shared_prefix=shared)
     want = naive_logprobs(model, processor, images, K, ids, mask, temperature, banned)
     m = mask.bool()
     assert want[m].std() > 0.3, "the model is too close to uniform for this comparison to mean anything"
@@ -177,28 +179,28 @@ def test_precomputed_features_give_the_same_rollouts_and_logprobs(fresh):
 
     model, processor = fresh
     images, K = random_images(3), 2
-    p = grpo.encode_prompts(model, processor, images)
+    p = rollouts.encode_prompts(model, processor, images)
     with torch.no_grad():
-        cached = dataclasses.replace(p, features=tuple(grpo.image_features(model, p).pooler_output))
+        cached = dataclasses.replace(p, features=tuple(rollouts.image_features(model, p).pooler_output))
     eos, pad, banned = mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id, mgiqa.banned_token_ids(processor)
     ids = {}
     for name, q in (("pixels", p), ("cached", cached)):
         torch.manual_seed(0)
-        ids[name] = grpo.rollout(model, q, K, 8, eos, pad, banned)
+        ids[name] = rollouts.rollout(model, q, K, 8, eos, pad, banned)
     assert torch.equal(ids["pixels"], ids["cached"])
-    mask = grpo.completion_mask(ids["pixels"], eos)
+    mask = rollouts.completion_mask(ids["pixels"], eos)
     rows = [r for i in (2, 0) for r in range(i * K, (i + 1) * K)]
     with torch.no_grad():
         for shared in (True, False):
-            want = grpo.completion_logprobs(model, p, K, ids["pixels"], mask, 1.0, banned, shared)
-            got = grpo.completion_logprobs(model, cached, K, ids["pixels"], mask, 1.0, banned, shared)
+            want = rollouts.completion_logprobs(model, p, K, ids["pixels"], mask, 1.0, banned, shared)
+            got = rollouts.completion_logprobs(model, cached, K, ids["pixels"], mask, 1.0, banned, shared)
             assert (got - want).abs().max() < 1e-5
-            sub = grpo.completion_logprobs(model, grpo.select(cached, [2, 0]), K, ids["pixels"][rows], mask[rows], 1.0,
+            sub = rollouts.completion_logprobs(model, rollouts.select(cached, [2, 0]), K, ids["pixels"][rows], mask[rows], 1.0,
                                            banned, shared)
             assert (sub - want[rows]).abs().max() < 1e-5
     bad = dataclasses.replace(cached, features=tuple(f + 1.0 for f in cached.features))  # the cache is really used
     with torch.no_grad():
-        assert (grpo.completion_logprobs(model, bad, K, ids["pixels"], mask, 1.0, banned) - want).abs().max() > 1e-3
+        assert (rollouts.completion_logprobs(model, bad, K, ids["pixels"], mask, 1.0, banned) - want).abs().max() > 1e-3
 
 
 def test_token_logprobs_chunks_banned_and_entropy(fresh):
@@ -208,8 +210,8 @@ def test_token_logprobs_chunks_banned_and_entropy(fresh):
     targets = torch.randint(7, 700, (3, 5))
     banned = mgiqa.banned_token_ids(processor)
     with torch.no_grad():
-        a, ent = grpo.token_logprobs(model.lm_head, hidden, targets, 0.5, banned, chunk=4, entropy=True)
-        b = grpo.token_logprobs(model.lm_head, hidden, targets, 0.5, banned)
+        a, ent = rollouts.token_logprobs(model.lm_head, hidden, targets, 0.5, banned, chunk=4, entropy=True)
+        b = rollouts.token_logprobs(model.lm_head, hidden, targets, 0.5, banned)
         z = model.lm_head(hidden).double() / 0.5
     z[..., banned] = -float("inf")
     logp = torch.log_softmax(z, -1)
@@ -226,12 +228,12 @@ def test_completion_mask_eos_and_padding():
                         [eos, pad, pad, pad, pad],  # EOS first
                         [5, eos, 6, eos, 7]])    # only the first EOS counts
     want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
-    assert torch.equal(grpo.completion_mask(ids, [eos]), want)
+    assert torch.equal(rollouts.completion_mask(ids, [eos]), want)
     # pad == eos (tiny-grpo's pitfall): the EOS itself is still in the loss
     same = torch.tensor([[5, 6, 0, 0, 0], [0, 0, 0, 0, 0], [5, 5, 5, 5, 5]])
-    assert torch.equal(grpo.completion_mask(same, [0]), torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]))
+    assert torch.equal(rollouts.completion_mask(same, [0]), torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]))
     # several EOS ids
-    assert torch.equal(grpo.completion_mask(torch.tensor([[5, 3, 4, 5]]), [4, 3]), torch.tensor([[1, 1, 0, 0]]))
+    assert torch.equal(rollouts.completion_mask(torch.tensor([[5, 3, 4, 5]]), [4, 3]), torch.tensor([[1, 1, 0, 0]]))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -294,8 +296,8 @@ def test_rollout_samples_the_models_distribution(fresh, shared, monkeypatch):
     model, processor = fresh
     images, K, T = random_images(2), 2, 8
     seen = []
-    real = grpo.sample_tokens
-    monkeypatch.setattr(grpo, "sample_tokens", lambda logits, *a, **kw: seen.append(logits.clone()) or real(logits, *a, **kw))
+    real = rollouts.sample_tokens
+    monkeypatch.setattr(rollouts, "sample_tokens", lambda logits, *a, **kw: seen.append(logits.clone()) or real(logits, *a, **kw))
     _, ids, _ = sample(model, processor, images, K, T, seed=3, temperature=0.8, shared_prefix=shared, force_length=True)
     assert len(seen) == T and len(set(map(tuple, ids.tolist()))) > 1
     text = mgiqa.prompt_text(processor)
@@ -346,7 +348,7 @@ def test_shared_and_straightforward_paths_agree(fresh, monkeypatch):
     gives the same loss, KL and gradients."""
     monkeypatch.setattr(reward, "mg_reward", text_reward)
     model, processor = fresh
-    grpo.add_lora(model, rank=4, alpha=8)
+    lora.add_lora(model, rank=4, alpha=8)
     randomize_lora(model)  # so the reference (adapters off) differs and the KL term is live
     images, K = random_images(2), 3
     cfg = small_cfg(num_generations=K, max_new_tokens=10, lr=0.0)
@@ -359,7 +361,7 @@ def test_shared_and_straightforward_paths_agree(fresh, monkeypatch):
         adv = grpo.token_advantages(rewards, torch.full_like(ids, -1))
         m.train()
         with torch.no_grad():
-            logp = grpo.completion_logprobs(m, p, K, ids, mask, 1.0, mgiqa.banned_token_ids(processor), shared)
+            logp = rollouts.completion_logprobs(m, p, K, ids, mask, 1.0, mgiqa.banned_token_ids(processor), shared)
         torch.manual_seed(5)
         opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=0.0)
         stats = grpo.grpo_step({**cfg, "straightforward": not shared}, m, processor, grpo.PolicyLogprobs(m),
@@ -384,18 +386,18 @@ def test_shared_prefix_gradient_equals_straightforward(fresh, mode):
     if mode == "full":
         model.requires_grad_(True)
     else:
-        grpo.add_lora(model, rank=4, alpha=8, vision=True)
+        lora.add_lora(model, rank=4, alpha=8, vision=True)
         randomize_lora(model)
     images, K = random_images(2), 3
     p, ids, mask = sample(model, processor, images, K, T=8)
     ids = cut_row(ids, 2, 3, mgiqa.eos_ids(model, processor)[0], processor.tokenizer.pad_token_id)
-    mask = grpo.completion_mask(ids, mgiqa.eos_ids(model, processor))
+    mask = rollouts.completion_mask(ids, mgiqa.eos_ids(model, processor))
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(0))
     model.train()
     out = {}
     for shared in (True, False):
         model.zero_grad(set_to_none=True)
-        logp = grpo.completion_logprobs(model, p, K, ids, mask, 1.0, mgiqa.banned_token_ids(processor), shared)
+        logp = rollouts.completion_logprobs(model, p, K, ids, mask, 1.0, mgiqa.banned_token_ids(processor), shared)
         (logp * weights * mask).sum().backward()
         out[shared] = grads(model)
     vision = [n for n in out[True] if ".visual." in f".{n}"]
@@ -408,19 +410,19 @@ def test_shared_prefix_with_gradient_checkpointing(fresh):
     """HF's gradient checkpointing drops the KV cache inside checkpointed layers while grad is on;
     the training forward must still see the prompt (values and gradients as without it)."""
     model, processor = fresh
-    grpo.add_lora(model, rank=4, alpha=8)
+    lora.add_lora(model, rank=4, alpha=8)
     randomize_lora(model)
     images, K = random_images(2), 2
     p, ids, mask = sample(model, processor, images, K, T=6)
     banned = mgiqa.banned_token_ids(processor)
     model.train()
-    logp0 = grpo.completion_logprobs(model, p, K, ids, mask, 1.0, banned, False)
+    logp0 = rollouts.completion_logprobs(model, p, K, ids, mask, 1.0, banned, False)
     logp0.sum().backward()
     want = grads(model)
     model.zero_grad(set_to_none=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as grpo.build_model
     model.train()
-    logp = grpo.completion_logprobs(model, p, K, ids, mask, 1.0, banned, True)
+    logp = rollouts.completion_logprobs(model, p, K, ids, mask, 1.0, banned, True)
     assert (logp - logp0).abs().max() < 1e-5
     logp.sum().backward()
     assert_close_grads(grads(model), want)
@@ -431,16 +433,16 @@ def test_shared_prefix_with_gradient_checkpointing(fresh):
 def test_reference_with_adapters_disabled_equals_base(fresh):
     base_model, processor = fresh
     model = copy.deepcopy(base_model)
-    wrapped = grpo.add_lora(model, rank=4, alpha=8)
-    assert {n.rsplit(".", 1)[-1] for n in wrapped} == set(grpo.LM_TARGETS) and not any(".visual." in f".{n}" for n in wrapped)
+    wrapped = lora.add_lora(model, rank=4, alpha=8)
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == set(lora.LM_TARGETS) and not any(".visual." in f".{n}" for n in wrapped)
     randomize_lora(model)
     images, K = random_images(2), 2
     p, ids, mask = sample(base_model, processor, images, K, T=8)
     banned = mgiqa.banned_token_ids(processor)
     with torch.no_grad():
-        lp = lambda m: grpo.completion_logprobs(m, p, K, ids, mask, 1.0, banned)  # noqa: E731
+        lp = lambda m: rollouts.completion_logprobs(m, p, K, ids, mask, 1.0, banned)  # noqa: E731
         base_lp, policy_lp = lp(base_model), lp(model)
-        with grpo.adapters_disabled(model):
+        with lora.adapters_disabled(model):
             ref_lp = lp(model)
         again = lp(model)
     assert torch.equal(ref_lp, base_lp)
@@ -496,10 +498,10 @@ def test_peft_layout_adapter_loads_back(tmp_path):
     torch.manual_seed(0)
     model, processor, _ = grpo.build_model(cfg)  # tiny_vlm(0): the model mgiqa.load("tiny") rebuilds
     randomize_lora(model, std=0.2)
-    grpo.save_adapter(model, tmp_path / "adapter", 4, 8, 0.0, "tiny")
+    lora.save_adapter(model, tmp_path / "adapter", 4, 8, 0.0, "tiny")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    assert set(config["target_modules"]) == set(grpo.LM_TARGETS)
+    assert set(config["target_modules"]) == set(lora.LM_TARGETS)
     from safetensors.torch import load_file
     weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     modules = dict(model.named_modules())
@@ -515,20 +517,20 @@ def test_peft_layout_adapter_loads_back(tmp_path):
     assert (want - full_logits(mgiqa.tiny_vlm(0, "tiny")[0], processor, images)).abs().max() > 1e-2
     assert (got - want).abs().max() < 1e-4
     again, _, _ = grpo.build_model(cfg)  # into a wrapped model (what resume does)
-    grpo.load_adapter_weights(again, tmp_path / "adapter")
+    lora.load_adapter_weights(again, tmp_path / "adapter")
     assert (full_logits(again, processor, images) - want).abs().max() < 1e-6
 
 
 def test_merged_checkpoint_gives_base_plus_adapter_logits(fresh, tmp_path):
     model, processor = fresh
-    grpo.add_lora(model, rank=4, alpha=8, vision=True)
+    lora.add_lora(model, rank=4, alpha=8, vision=True)
     randomize_lora(model, std=0.2)
     images = random_images(2)
     want = full_logits(model, processor, images)
-    with grpo.adapters_disabled(model):
+    with lora.adapters_disabled(model):
         assert (full_logits(model, processor, images) - want).abs().max() > 1e-2
     grpo.save_merged(model, processor, str(tmp_path / "merged"))
-    assert not any(isinstance(m, grpo.LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     loaded, loaded_processor = mgiqa.load(str(tmp_path / "merged"), device="cpu")
     assert not any("lora" in n for n in loaded.state_dict())
     assert (full_logits(loaded, loaded_processor, images) - want).abs().max() < 1e-4

@@ -1,0 +1,117 @@
+"""LoRA written out (no peft), for grpo.py: adapters on the language model's projections (and
+optionally the vision tower's), the reference policy as the same model with its adapters switched
+off, and the adapter saved in PEFT's file layout so that `peft`, `mgiqa.py --adapter` and
+`evaluate.py --adapter` all read it.
+
+A new adapter is a no-op (B = 0). Defaults as SPEC 3 / the README's GPU recipe: rank 64, alpha 128,
+dropout 0 (so with one update per batch rho = 1 exactly). VisualQuality-R1 fine-tunes every weight
+instead (`grpo.py --full`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x); A ~ Kaiming-uniform, B = 0, so a new adapter is a no-op."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.enabled:
+            out = out + self.dropout(x) @ self.lora_A.t() @ self.lora_B.t() * self.scale
+        return out
+
+
+def add_lora(model, rank=64, alpha=128, dropout=0.0, targets=LM_TARGETS, vision=False) -> list[str]:
+    """Wrap the language model's (and optionally the vision tower's) projections; freeze the rest."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        in_vision = ".visual." in f".{name}."
+        wanted = (leaf in VISION_TARGETS and in_vision and vision) or (leaf in targets and not in_vision)
+        if isinstance(module, nn.Linear) and wanted:
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, leaf, LoRALinear(module, rank, alpha, dropout))
+            wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"no nn.Linear matched the LoRA targets {targets}")
+    return wrapped
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The reference policy: the same weights with every adapter switched off (no second copy)."""
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.enabled = True
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """Adapter weights under PEFT's key names: base_model.model.<module>.lora_A.weight."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
+            out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+    return out
+
+
+def save_adapter(model, out_dir, rank, alpha, dropout, base_model_name="") -> None:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
+              "target_modules": names, "bias": "none", "base_model_name_or_path": base_model_name,
+              "fan_in_fan_out": False, "inference_mode": True}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(lora_state_dict(model), str(out_dir / "adapter_model.safetensors"))
+
+
+def load_adapter_weights(model, adapter_dir) -> None:
+    """Load a PEFT-layout adapter into a model that add_lora already wrapped."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            with torch.no_grad():
+                m.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
+                m.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight and unwrap: a plain transformers model again."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            with torch.no_grad():
+                m.base.weight += (m.lora_B @ m.lora_A * m.scale).to(m.base.weight.dtype)
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[-1], m.base)
+    return model
