@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 import mgiqa
 
+
+# ----------------------------------------------------------------------------- prompts and the model's forward
+
 @dataclass
 class Prompts:
     """B encoded prompts, one image each, left padded."""
