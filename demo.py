@@ -128,8 +128,8 @@ class Demo:
             self._template = rollouts.encode_prompts(model, processor, [Image.new("RGB", side)])
         t, n = self._template, len(idx)
         return rollouts.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
-                            t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
-                            self.grid.expand(n, 3), t.shared, None if self.features is None else tuple(self.features[idx]))
+                                t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
+                                self.grid.expand(n, 3), t.shared, None if self.features is None else tuple(self.features[idx]))
 
 
 def patchify(images: np.ndarray, image_processor):

@@ -247,7 +247,7 @@ def grpo_step(cfg, model, processor, policy, batch, images, ref_model=None, aux_
     model.eval()
     p = images if isinstance(images, rollouts.Prompts) else rollouts.encode_prompts(model, processor, images, cfg["thinking"])
     ids = rollouts.rollout(model, p, K, cfg["max_new_tokens"], eos, pad, banned, cfg["temperature"], cfg["top_p"],
-                  shared_prefix=shared, force_length=cfg["force_length"])  # (B*K, Tc)
+                           shared_prefix=shared, force_length=cfg["force_length"])  # (B*K, Tc)
     mask = rollouts.completion_mask(ids, eos)
     completions = mgiqa.decode_completions(processor, ids, eos)
     t1 = time.perf_counter()
@@ -269,7 +269,7 @@ def grpo_step(cfg, model, processor, policy, batch, images, ref_model=None, aux_
 
     def logprobs(m, g, entropy=False):
         return rollouts.completion_logprobs(m, rollouts.select(p, g), K, ids[rows_of(g)], mask[rows_of(g)], cfg["temperature"],
-                                   banned, shared, entropy=entropy)
+                                            banned, shared, entropy=entropy)
 
     with torch.no_grad():
         ref = None

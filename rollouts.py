@@ -78,6 +78,14 @@ def repeat_prompts(p: Prompts, K: int) -> Prompts:
                    pixels, p.image_grid_thw.repeat_interleave(K, 0), p.shared, features)
 
 
+def select(p: Prompts, idx: list[int]) -> Prompts:
+    """The prompts of some images (idx), with their pixel rows."""
+    blocks = torch.split(p.pixel_values, p.image_grid_thw.prod(-1).tolist())
+    return Prompts(p.input_ids[idx], p.attention_mask[idx], p.positions[:, idx], p.next_position[idx],
+                   torch.cat([blocks[i] for i in idx]), p.image_grid_thw[idx], p.shared,
+                   None if p.features is None else tuple(p.features[i] for i in idx))
+
+
 def image_features(model, p: Prompts):
     """One vision-tower pass; returns the encoder output whose pooler_output holds one block per image."""
     if p.features is not None:
@@ -283,12 +291,3 @@ def completion_hidden(model, p: Prompts, K, ids, mask, shared_prefix=True, featu
         h = lm_hidden(model, torch.cat([r.input_ids, ids], 1), torch.cat([r.attention_mask, mask], 1), pos, feats)
         hidden = h[:, Tp - 1:Tp - 1 + Tc]
     return hidden
-
-
-
-def select(p: Prompts, idx: list[int]) -> Prompts:
-    """The prompts of some images (idx), with their pixel rows."""
-    blocks = torch.split(p.pixel_values, p.image_grid_thw.prod(-1).tolist())
-    return Prompts(p.input_ids[idx], p.attention_mask[idx], p.positions[:, idx], p.next_position[idx],
-                   torch.cat([blocks[i] for i in idx]), p.image_grid_thw[idx], p.shared,
-                   None if p.features is None else tuple(p.features[i] for i in idx))

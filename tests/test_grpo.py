@@ -196,7 +196,7 @@ def test_precomputed_features_give_the_same_rollouts_and_logprobs(fresh):
             got = rollouts.completion_logprobs(model, cached, K, ids["pixels"], mask, 1.0, banned, shared)
             assert (got - want).abs().max() < 1e-5
             sub = rollouts.completion_logprobs(model, rollouts.select(cached, [2, 0]), K, ids["pixels"][rows], mask[rows], 1.0,
-                                           banned, shared)
+                                               banned, shared)
             assert (sub - want[rows]).abs().max() < 1e-5
     bad = dataclasses.replace(cached, features=tuple(f + 1.0 for f in cached.features))  # the cache is really used
     with torch.no_grad():
