@@ -237,7 +237,7 @@ SIZES = {
     # the CPU demo's model (~0.7M parameters; the size PITFALLS' measured recipe learned with).
     # rope_theta 4: with head_dim 24 and Qwen's [4, 4, 4] mrope sections, theta 10000 leaves the
     # width section 0.0002-0.002 rad per image token, so the language model could not tell a subject
-    # in the left column from one in the centre; theta 4 gives it 0.28-0.40 (measured below, README)
+    # in the left column from one in the centre; theta 4 gives it 0.28-0.40 (measured: DEMO_NOTES.md)
     "demo": dict(hidden=96, layers=3, heads=4, kv=2, mlp=256, v_hidden=64, v_depth=3, v_heads=2, v_mlp=128, vocab=1024,
                  rope_theta=4.0),
     "small": dict(hidden=512, layers=8, heads=8, kv=4, mlp=1536, v_hidden=256, v_depth=4, v_heads=4, v_mlp=768, vocab=2048),
