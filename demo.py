@@ -71,7 +71,7 @@ class DemoConfig:
     probe_vision_lr: float = 3e-4   # the vision tower's (3e-3 there never got past ~45% family accuracy)
     filters: int = 32               # patch-embedding rows that start as high-pass filters (init_filters)
     filter_gain: float = 5.0
-    format_steps: int = 1000        # 500: composition .824 .839 .800 .688 on seeds 0-3 after GRPO; 1000: .853 .902 .885 .824
+    format_steps: int = 500
     format_batch: int = 32
     format_lr: float = 1e-3
     grpo_steps: int = 525
