@@ -278,22 +278,20 @@ def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
 
 def heldout_srcc(pred: np.ndarray, recs: list) -> dict:
     """pred (N, 5) scores in ATTRIBUTES order for records recs -> overall SRCC over all images; each
-    attribute's SRCC within its family (its images plus the clean ones); under "all_images" the
-    attributes over all images; under "overall_as_attribute" the within-family SRCC that the OVERALL
-    column earns in each attribute's place. Within one family the attribute and the MOS fall together,
+    attribute's SRCC within its family (evaluate.attribute_srcc_within_family: its images plus the
+    clean ones); under "all_images" the attributes over all images; under "overall_as_attribute" the
+    within-family SRCC that the OVERALL column earns in each attribute's place. Within one family the attribute and the MOS fall together,
     so writing the overall score in every slot earns that much without knowing any attribute; the
     all-image figures are what tell the two apart."""
     import evaluate
 
+    names = ATTRIBUTES[:-1]
+    rows = [{"dataset": r.dataset, "image": r.image, **dict(zip(ATTRIBUTES, p))} for r, p in zip(recs, pred.tolist())]
+    in_place = [row | dict.fromkeys(names, row["overall"]) for row in rows]
     out = {"overall": float(evaluate.srcc(pred[:, -1], np.array([r.mos for r in recs])))}
-    all_images, copied = {}, {}
-    for a, name in enumerate(ATTRIBUTES[:-1]):
-        gt = np.array([r.attributes[name] for r in recs])
-        varies = np.array([r.family is None or data.FAMILY_TO_ATTRIBUTE.get(r.family) == name for r in recs])
-        out[name] = float(evaluate.srcc(pred[varies, a], gt[varies]))
-        all_images[name] = float(evaluate.srcc(pred[:, a], gt))
-        copied[name] = float(evaluate.srcc(pred[varies, -1], gt[varies]))
-    return out | {"all_images": all_images, "overall_as_attribute": copied}
+    out |= evaluate.attribute_srcc_within_family(rows, recs)
+    all_images = {a: float(evaluate.srcc(pred[:, i], [r.attributes[a] for r in recs])) for i, a in enumerate(names)}
+    return out | {"all_images": all_images, "overall_as_attribute": evaluate.attribute_srcc_within_family(in_place, recs)}
 
 
 def attribute_mean(m: dict) -> float:

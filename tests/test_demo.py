@@ -3,11 +3,10 @@
 GRPO must raise the held-out SRCC above the warm-up checkpoint's; the warm-up never sees a label.
 The full demo (`python grpo.py --demo`) is the README's first command; this is its smoke version."""
 import json
+import math
 import os
 import subprocess
 import sys
-
-import math
 
 import numpy as np
 import pytest
