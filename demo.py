@@ -197,8 +197,30 @@ def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
 
 def pooled_tokens(model, demo: Demo, idx) -> tuple:
     """The vision tower's output tokens for images idx: one (tokens, D) tensor each."""
-    return model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), demo.grid.expand(len(idx), 3),
-                                          return_dict=True).pooler_output
+    grid = demo.grid.expand(len(idx), 3)
+    return model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), grid, return_dict=True,
+                                          **vision_indices(model.model.visual, grid)).pooler_output
+
+
+_VISION_INDICES: dict = {}
+
+
+def vision_indices(visual, grid) -> dict:
+    """The tower's rotary positions, attention and window boundaries for images of one grid, as
+    precomputed `image_*` keyword arguments. transformers rebuilds them in Python on every call
+    (17% of a probe step); they are integers that depend on the grid alone, so same numbers."""
+    from transformers.utils.generic import get_max_seqlen
+    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+
+    key = (id(visual), tuple(grid.flatten().tolist()))
+    if key not in _VISION_INDICES:
+        pos = get_vision_position_ids(grid, visual.spatial_merge_size)
+        cu, max_len = get_vision_attention_seqlens(grid, visual.config)
+        window, cu_window = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        _VISION_INDICES[key] = {"image_position_ids": pos, "image_cu_seqlens": cu, "image_max_seqlen": max_len,
+                                "image_window_index": window, "image_cu_window_seqlens": cu_window,
+                                "image_max_window_seqlen": get_max_seqlen(cu_window, visual.config, kwarg_name="max_window_seqlen")}
+    return _VISION_INDICES[key]
 
 
 def pooled_features(model, demo: Demo, idx):

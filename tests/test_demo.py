@@ -58,3 +58,22 @@ def test_heldout_srcc_within_family_all_images_and_overall_in_place():
     assert out["all_images"]["sharpness"] == pytest.approx(2 / 9) and out["all_images"]["color"] == pytest.approx(1.0)
     assert math.isnan(out["noise"])  # a constant answer has no rank correlation
     assert out["overall_as_attribute"] == pytest.approx(dict.fromkeys(mgiqa.ATTRIBUTES[:-1], 1.0))
+
+
+def test_precomputed_vision_indices_give_the_same_features():
+    """demo.pooled_tokens hands the tower its position and window indices, computed once per grid;
+    the output must equal transformers' own path bit for bit (two grids, two batch sizes)."""
+    import torch
+
+    model, processor = mgiqa.tiny_vlm(0, "demo")
+    visual = model.model.visual
+    for side, n in ((84, 4), (112, 5)):  # patchify checks its first 4 against the processor
+        images = np.random.default_rng(side).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+        pixels, grid = demo.patchify(images, processor.image_processor)
+        grids = grid.expand(n, 3)
+        flat = pixels.reshape(-1, pixels.shape[-1])
+        with torch.no_grad():
+            plain = model.model.get_image_features(flat, grids, return_dict=True).pooler_output
+            fast = model.model.get_image_features(flat, grids, return_dict=True, **demo.vision_indices(visual, grids)).pooler_output
+        assert len(fast) == n and all(torch.equal(a, b) for a, b in zip(plain, fast))
+        assert demo.vision_indices(visual, grids) is demo.vision_indices(visual, grids.clone())  # cached by grid

@@ -236,6 +236,33 @@ def test_completion_mask_eos_and_padding():
     assert torch.equal(rollouts.completion_mask(torch.tensor([[5, 3, 4, 5]]), [4, 3]), torch.tensor([[1, 1, 0, 0]]))
 
 
+def test_score_token_attributes_marks_each_scores_digits(base):
+    """Against a naive reference that decodes every prefix of the row: a token belongs to attribute
+    a when the text it adds lies inside a's number after the last <answer> (anywhere if none)."""
+    tok = base[1].tokenizer
+    texts = ['<think>dull</think><answer>{"sharpness": 4, "color": 2, "noise": 5, "composition": 3.5, "overall": 12}</answer><|im_end|>',
+             '<answer>{"noise": 1}</answer> <answer>{"overall": 3, "sharpness": 4.25}</answer><|im_end|>',  # only the last answer counts
+             'no tags: "overall": 3<|im_end|>',
+             '<answer>{"colour": 3, "color": 2}</answer><|im_end|>']
+    rows = [tok(t).input_ids for t in texts]
+    Tc = max(map(len, rows)) + 2
+    ids = torch.tensor([r + [tok.pad_token_id] * (Tc - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (Tc - len(r)) for r in rows])
+    got = grpo.score_token_attributes(tok, ids, mask)
+    number = re.compile(r'"(' + "|".join(ATTRIBUTES) + r')": ([0-9.]+)')
+    for r, row in enumerate(rows):
+        text = tok.decode(row)
+        start = text.rfind("<answer>")
+        spans = [(m.span(2), ATTRIBUTES.index(m.group(1))) for m in number.finditer(text) if m.start() > start]
+        want = []
+        for t in range(Tc):
+            lo, hi = len(tok.decode(row[:t])), len(tok.decode(row[:t + 1])) if t < len(row) else -1
+            want.append(next((a for (s, e), a in spans if lo < e and hi > s), -1))
+        assert got[r].tolist() == want, (texts[r], got[r].tolist(), want)
+    assert sorted(set(got[0].tolist()) - {-1}) == [0, 1, 2, 3, 4] and set(got[2].tolist()) == {-1, 4}
+    assert sorted(set(got[1].tolist()) - {-1}) == [0, 4]  # the first answer's noise score is not marked
+
+
 # ----------------------------------------------------------------------------- the loss
 
 def test_k3_nonnegative_and_zero_at_equality():
