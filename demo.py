@@ -71,10 +71,10 @@ class DemoConfig:
     probe_vision_lr: float = 3e-4   # the vision tower's (3e-3 there never got past ~45% family accuracy)
     filters: int = 32               # patch-embedding rows that start as high-pass filters (init_filters)
     filter_gain: float = 5.0
-    format_steps: int = 500         # 1000: every score >= .8 on five seeds, but 513-612 s end to end (DEMO_NOTES.md)
+    format_steps: int = 1000        # 500: seed 3 composition .688 (level-3 off-centre images named clean); DEMO_NOTES.md
     format_batch: int = 32
     format_lr: float = 1e-3
-    grpo_steps: int = 525
+    grpo_steps: int = 450           # 525 with format 1000: 513-612 s end to end, over 10 minutes at slow moments
     eval_every: int = 75
     batch_size: int = 16
     num_generations: int = 8

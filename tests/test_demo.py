@@ -17,8 +17,8 @@ import mgiqa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The full warm-up (perception needs it: with 6,000 images and 600 probe steps, family accuracy .73,
-# and 300 GRPO steps left every answer constant), then 250 GRPO steps instead of 525 (the cosine
-# learning-rate schedule is stretched over these 250).
+# and 300 GRPO steps left every answer constant), then 250 GRPO steps instead of 450 (the cosine
+# learning-rate schedule is compressed into these 250).
 REDUCED = {"grpo_steps": 250, "eval_every": 125}
 
 
