@@ -444,7 +444,7 @@ def main(args) -> int:
 
 
 def print_table(summary: dict, log=print) -> None:
-    log("held-out SRCC; nan = the same greedy answer for every image (counted as 0 in the mean)")
+    log("held-out SRCC; nan = no ranking: the same greedy answer for every image, or no such score (counted as 0 in the mean)")
     log(f"{'':14s} " + " ".join(f"{a:>11s}" for a in ATTRIBUTES) + "        mean")
     for name in ("warmup", "final", "ablation"):
         if name in summary:
