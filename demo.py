@@ -212,7 +212,8 @@ def vision_indices(visual, grid) -> dict:
     from transformers.utils.generic import get_max_seqlen
     from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-    key = (id(visual), tuple(grid.flatten().tolist()))
+    key = (visual.spatial_merge_size, visual.window_size, visual.patch_size, visual.config._attn_implementation,
+           tuple(grid.flatten().tolist()))  # everything the indices depend on (not id(visual): ids are reused)
     if key not in _VISION_INDICES:
         pos = get_vision_position_ids(grid, visual.spatial_merge_size)
         cu, max_len = get_vision_attention_seqlens(grid, visual.config)
