@@ -303,9 +303,9 @@ def heldout_srcc(pred: np.ndarray, recs: list) -> dict:
     """pred (N, 5) scores in ATTRIBUTES order for records recs -> overall SRCC over all images; each
     attribute's SRCC within its family (evaluate.attribute_srcc_within_family: its images plus the
     clean ones); under "all_images" the attributes over all images; under "overall_as_attribute" the
-    within-family SRCC that the OVERALL column earns in each attribute's place. Within one family the attribute and the MOS fall together,
-    so writing the overall score in every slot earns that much without knowing any attribute; the
-    all-image figures are what tell the two apart."""
+    within-family SRCC that the OVERALL column earns in each attribute's place. Within one family
+    the attribute and the MOS fall together, so writing the overall score in every slot earns that
+    much without knowing any attribute; the all-image figures are what tell the two apart."""
     import evaluate
 
     names = ATTRIBUTES[:-1]
