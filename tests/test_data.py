@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+import synth  # noqa: E402
 from data import Record  # noqa: E402
 
 
@@ -177,6 +178,115 @@ def test_bid_agiqa_pipal_pyiqa(tmp_path):
     assert rec.mos == 61.0 and rec.dataset == "Foo" and rec.image.endswith("z.png")
 
 
+# ----------------------------------------------------------------------------- pyiqa meta-info files
+
+def pyiqa_file(root, name, rows, images=True, where="imgs"):
+    """meta_info_<name>Dataset.csv under root/meta, its images under root/<where> (names as listed;
+    a LIVE-style name without extension gets .bmp on disk)."""
+    write_csv(f"{root}/meta/meta_info_{name}Dataset.csv", rows)
+    col = rows[0].index("dist_name") if "dist_name" in rows[0] else 0
+    for row in rows[1:] if images else []:
+        touch_image(f"{root}/{where}/{row[col]}" + ("" if os.path.splitext(row[col])[1] else ".bmp"))
+    return f"{root}/meta/meta_info_{name}Dataset.csv"
+
+
+def test_pyiqa_full_reference_layout_each_published_direction(tmp_path):
+    root = str(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a published file is read without a direction warning
+        kadid = data.load_dataset("pyiqa", f"{root}/imgs", file=pyiqa_file(root, "KADID10k", [
+            ["ref_name", "dist_name", "dmos", "std"], ["I01.png", "I01_01_01.png", 4.57, 0.5],
+            ["I01.png", "I01_01_03.png", 2.67, 0.8], ["I01.png", "I01_11_02.png", 3.27, 0.8]]))
+        tid = data.load_dataset("pyiqa", f"{root}/imgs", file=pyiqa_file(root, "TID2013", [
+            ["ref_name", "dist_name", "mos", "std"], ["I01.BMP", "I01_01_1.bmp", 5.51, 0.1], ["I01.BMP", "i01_08_5.bmp", 2.11, 0.1]]))
+        csiq = data.load_dataset("pyiqa", f"{root}/imgs", file=pyiqa_file(root, "CSIQ", [
+            ["ref_name", "dist_name", "dmos"], ["1600.png", "1600.AWGN.1.png", 0.06], ["1600.png", "1600.BLUR.4.png", 0.5]]))
+        live = data.load_dataset("pyiqa", f"{root}/imgs", file=pyiqa_file(root, "LIVEIQA", [
+            ["ref_name", "dist_name", "mos"], ["bikes.bmp", "jp2k/img2", 28.0], ["bikes.bmp", "gblur/img7", 61.5]]))
+        pipal = data.load_dataset("pyiqa", f"{root}/imgs", file=pyiqa_file(root, "PIPAL", [
+            ["hq_name", "dist_name", "elo_score"], ["A0001.bmp", "A0001_00_00.bmp", 1520.06]]))
+    # KADID-10k's dmos column is a MOS (higher is better): taken as is, family and level from the name
+    assert [(r.mos, r.ref, r.family, r.level) for r in kadid] == [
+        (4.57, "I01.png", "blur", 1), (2.67, "I01.png", "blur", 3), (3.27, "I01.png", "noise", 2)]
+    assert kadid[0].dataset == "KADID10k" and kadid[0].domain == "synthetic" and kadid[0].extra == {"std": "0.5"}
+    assert kadid[0].image.endswith(os.path.join("imgs", "I01_01_01.png"))
+    assert [(r.mos, r.ref, r.family, r.level) for r in tid] == [(5.51, "I01.BMP", "noise", 1), (2.11, "I01.BMP", "blur", 5)]
+    # CSIQ's dmos and LIVE's mos column hold DMOS (lower is better): flipped as the csiq / live readers flip them
+    assert [r.mos for r in csiq] == pytest.approx([0.94, 0.5]) and csiq[0].extra == {"dmos": 0.06}
+    assert [(r.family, r.level) for r in csiq] == [("noise", 1), ("blur", 4)]
+    assert [r.mos for r in live] == [72.0, 38.5] and [(r.family, r.level) for r in live] == [("compression", None), ("blur", None)]
+    assert live[0].image.endswith(os.path.join("jp2k", "img2.bmp"))  # listed without its extension
+    assert (pipal[0].mos, pipal[0].ref) == (1520.06, "A0001.bmp")
+
+
+def test_pyiqa_no_reference_layouts(tmp_path):
+    root = str(tmp_path)
+    koniq = data.load_dataset("pyiqa", pyiqa_file(root, "KonIQ10k", [
+        ["img_name", "mos", "std", "split", "c1"], ["a.jpg", 77.4, 0.5, "training", 0], ["b.jpg", 68.7, 0.6, "test", 0]], where="meta"))
+    assert [(r.mos, r.split, r.ref, r.domain) for r in koniq] == [(77.4, "train", None, "authentic"), (68.7, "test", None, "authentic")]
+    assert koniq[0].extra == {"std": "0.5", "c1": "0"}
+    spaq = data.load_dataset("pyiqa", pyiqa_file(root, "SPAQ", [
+        ["Image name", "MOS", "Brightness", "Colorfulness", "Contrast", "Noisiness", "Sharpness"],
+        ["00001.jpg", 48.86, 47.43, 55.57, 55.71, 37.86, 42.57]], where="meta"))
+    assert spaq[0].attributes == {"sharpness": 42.57, "color": 55.57, "noise": 37.86}  # as the spaq reader maps them
+    assert spaq[0].mos == 48.86 and spaq[0].extra["Brightness"] == "47.43" and "Sharpness" not in spaq[0].extra
+    livec = data.load_dataset("pyiqa", pyiqa_file(root, "LIVEChallenge", [
+        ["img_name", "mos", "std"], ["t1.bmp", 63.9, 18], ["100.bmp", 32.5, 19]], where="meta"))
+    assert [os.path.basename(r.image) for r in livec] == ["100.bmp"]  # t1-t7 dropped, as the livec reader does
+
+
+def test_pyiqa_direction_option_and_unknown_dmos_file(tmp_path):
+    root = str(tmp_path)
+    path = pyiqa_file(root, "Mine", [["ref_name", "dist_name", "dmos"], ["r.png", "x.png", 0.2], ["r.png", "y.png", 0.7]], where="meta")
+    with pytest.warns(UserWarning, match=r"meta_info_MineDataset\.csv: column 'dmos'.*higher is better.*direction=lower"):
+        recs = data.load_dataset("pyiqa", path)
+    assert [r.mos for r in recs] == [0.2, 0.7]  # the documented default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r.mos for r in data.load_dataset("pyiqa", path, direction="lower")] == [-0.2, -0.7]
+        csiq = pyiqa_file(root, "CSIQ", [["ref_name", "dist_name", "dmos"], ["1600.png", "1600.AWGN.1.png", 0.06]], where="meta")
+        assert data.load_dataset("pyiqa", csiq, direction="higher")[0].mos == 0.06  # the option wins
+    with pytest.raises(ValueError, match="direction must be higher or lower"):
+        data.load_dataset("pyiqa", path, direction="up")
+    with pytest.raises(ValueError, match=r"pyiqa: unknown option 'directoin'"):
+        data.load_dataset("pyiqa", path, directoin="lower")
+    assert data.parse_spec(f"pyiqa={root}/imgs,meta.csv,direction=lower") == (
+        "pyiqa", f"{root}/imgs", {"file": "meta.csv", "direction": "lower"})
+    assert data.parse_spec("koniq=/d") == ("koniq", "/d", {})
+    with pytest.raises(ValueError, match="NAME=ROOT"):
+        data.parse_spec("koniq")
+
+
+def test_pyiqa_reference_disjoint_split_and_metadata_pairs(tmp_path):
+    root = str(tmp_path)
+    rows = [["ref_name", "dist_name", "dmos", "std"]] + [
+        [f"I{r:02d}.png", f"I{r:02d}_{t:02d}_{lv:02d}.png", 5 - lv * 0.7, 0.5]
+        for r in range(1, 11) for t in (1, 11) for lv in (1, 3, 5)]
+    recs = data.load_dataset("pyiqa", pyiqa_file(root, "KADID10k", rows, where="meta"))
+    out = data.split_records(recs, seed=0)
+    refs = {s: {r.ref for r in out if r.split == s} for s in ("train", "val", "test")}
+    assert [len(v) for v in refs.values()] == [6, 2, 2]
+    assert not (refs["train"] & refs["val"] or refs["train"] & refs["test"] or refs["val"] & refs["test"])
+    one_ref = [r for r in recs if r.ref == "I01.png"]
+    _, P, M = data.preferences(one_ref)  # blur 1, 3, 5 then noise 1, 3, 5 of one reference: metadata pairs
+    sharp, noise = data.ATTRIBUTES.index("sharpness"), data.ATTRIBUTES.index("noise")
+    assert M[sharp, 0, 2] and P[sharp, 0, 2] == 1 and not M[sharp, 0, 3]
+    assert M[noise, 3, 5] and P[noise, 3, 5] == 1
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([["foo", "bar", "baz"], ["a.png", 1, 2]], r"meta_info_FooDataset\.csv: row 1: unknown pyiqa layout 'foo,bar,baz': no image column"),
+    ([["ref_name", "dist_name", "quality"], ["r.png", "a.png", 1]], r"row 1: unknown pyiqa layout 'ref_name,dist_name,quality': no score column"),
+    ([["ref_name", "dist_name", "mos"], ["r.png", "a.png", "good"]], r"row 2, column 'mos': 'good' is not a number"),
+    ([["img_name", "mos", "split"], ["a.png", 3, "holdout"]], r"row 2, column 'split': unknown split 'holdout'"),
+    ([["ref_name", "dist_name", "dmos"], ["I01.png", "I01.png", 4]], r"row 2, column 'dist_name': 'I01.png' is not named Irr_TT_LL"),
+])
+def test_pyiqa_unknown_layout_names_file_row_column(tmp_path, rows, match):
+    name = "KADID10k" if "Irr" in match else "Foo"
+    with pytest.raises(ValueError, match=match):
+        data.load_dataset("pyiqa", pyiqa_file(str(tmp_path), name, rows, images=False))
+
+
 def test_live_release2_order_and_flip(tmp_path):
     root = str(tmp_path)
     n = 982
@@ -267,6 +377,21 @@ def test_split_records_kinds_and_files(tmp_path):
     assert data.apply_split(synth + auth + official, split) == out
     with pytest.raises(ValueError, match="not in the saved split"):
         data.apply_split(fake("other", 2), split)
+
+
+def test_stratified_subset_every_dataset_seeded_stable():
+    recs = fake("kadid", 300, refs=30) + fake("koniq", 100) + fake("tiny", 2)
+    sub = data.stratified_subset(recs, 40, seed=3)
+    counts = {name: sum(r.dataset == name for r in sub) for name in ("kadid", "koniq", "tiny")}
+    assert len(sub) == 40 and counts["tiny"] >= 1 and counts["kadid"] > counts["koniq"] > counts["tiny"]
+    assert counts == {"kadid": 29, "koniq": 10, "tiny": 1}  # 1 each + the other 37 in proportion
+    assert sub == data.stratified_subset(recs, 40, seed=3) and sub != data.stratified_subset(recs, 40, seed=4)
+    assert [recs.index(r) for r in sub] == sorted(recs.index(r) for r in sub)  # in the order of records
+    assert len({r.image for r in sub}) == 40
+    assert data.stratified_subset(recs, 1000, seed=0) == recs and data.stratified_subset(recs, len(recs)) == recs
+    assert [r.dataset for r in data.stratified_subset(recs, 2, seed=0)] == ["kadid", "koniq"]  # the largest first
+    two = data.stratified_subset(fake("a", 5) + fake("b", 500), 10, seed=0)
+    assert {r.dataset for r in two} == {"a", "b"}
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -386,10 +511,10 @@ def test_each_distortion_monotone_in_its_statistic():
 
 def test_cut_off_moves_subject_towards_border():
     rng = np.random.default_rng(0)
-    sc = data._scenes(rng, 1, 64)
+    sc = synth._scenes(rng, 1, 64)
     bg = np.clip(sc["bg"][0].transpose(1, 2, 0) * 255 + 0.5, 0, 255)
-    offsets = data._offsets(np.arange(6), rng)  # levels 0-5, each in a random axis direction
-    images = data._distort(data._render(sc, np.zeros(6, int), offsets), np.zeros((6, 4), int), rng)
+    offsets = synth._offsets(np.arange(6), rng)  # levels 0-5, each in a random axis direction
+    images = synth._distort(synth._render(sc, np.zeros(6, int), offsets), np.zeros((6, 4), int), rng)
     distance, area = [], []
     for im in images:
         ys, xs = np.nonzero(np.abs(im.astype(float) - bg).sum(-1) > 30)  # the subject, measured from pixels
