@@ -5,14 +5,15 @@
     python data.py synth runs/synth --n 15000 --size 96 --seed 0 [--mode family|mixed] [--heldout-frac 0.02]
 
 Library (one concept per file, all re-exported here):
-  records.py  Record, LABELLED, FAMILY_TO_ATTRIBUTE
-  readers.py  load_dataset(name, root, **options) -> [Record]: the published annotation files of 11
-              datasets, pyiqa meta-info CSVs (both layouts) and this project's manifest; READERS;
-              parse_spec("NAME=ROOT[,FILE][,KEY=VALUE ...]")
-  synth.py    synthesize(n, size) -> (uint8 (N, S, S, 3), [Record]); make_synthetic(out, n, size)
-  data.py     split_records / save_split / load_split / apply_split, stratified_subset,
-              preferences, Sampler(datasets, batch_size).sample() -> {"dataset", "domain", "records",
-              "labels" (B, A), "P" (A, B, B), "M" (A, B, B)}
+  records.py           Record, LABELLED, FAMILY_TO_ATTRIBUTE
+  annotation_files.py  CSV / .xlsx / .mat parsing with file, row and column in every error
+  readers.py           load_dataset(name, root, **options) -> [Record]: the published annotation
+                       files of 11 datasets, pyiqa meta-info CSVs (both layouts) and this project's
+                       manifest; READERS; parse_spec("NAME=ROOT[,FILE][,KEY=VALUE ...]")
+  synth.py             synthesize(n, size) -> (uint8 (N, S, S, 3), [Record]); make_synthetic(out, n, size)
+  data.py              split_records / save_split / load_split / apply_split, stratified_subset,
+                       preferences, Sampler(datasets, batch_size).sample() -> {"dataset", "domain",
+                       "records", "labels" (B, A), "P" (A, B, B), "M" (A, B, B)}
 
 Departures (ours; docs/METHOD.md gives the method):
 1. LIVE and PIPAL carry no discrete levels, so they give no metadata pairs, only overall from MOS.
@@ -39,7 +40,7 @@ from readers import (CSIQ_TYPES, DIRECTION, KADID_FAMILIES, LIVE_FOLDERS, PYIQA_
                      TID2013_FAMILIES, _load, load_dataset, parse_spec)
 from records import FAMILY_TO_ATTRIBUTE, LABELLED, Record
 from synth import LEVELS, SYNTH_FAMILIES, contact_sheet, ladder, make_synthetic, synthesize
-from tables import table
+from annotation_files import table
 
 __all__ = ["ATTRIBUTES", "CSIQ_TYPES", "DIRECTION", "FAMILY_TO_ATTRIBUTE", "KADID_FAMILIES", "LABELLED", "LEVELS",
            "LIVE_FOLDERS", "PYIQA_FILES", "READERS", "Record", "SYNTH_FAMILIES", "Sampler", "TID2013_FAMILIES",

@@ -48,9 +48,9 @@ import re
 import warnings
 from dataclasses import replace
 
-import tables
+from annotation_files import Files, loadmat, mat_floats, mat_strings, number, table
+from annotation_files import rows as sheet_rows
 from records import LABELLED, Record
-from tables import Files, mat_floats, mat_strings, number, table
 
 KADID_FAMILIES = {**dict.fromkeys(range(1, 4), "blur"), **dict.fromkeys(range(4, 9), "color"),
                   9: "compression", 10: "compression", **dict.fromkeys(range(11, 16), "noise"),
@@ -144,7 +144,7 @@ def _spaq(fs, opts):
 
 def _livec(fs, opts):
     ipath, mpath = fs.annotation("livec", "AllImages_release.mat"), fs.annotation("livec", "AllMOS_release.mat")
-    names, mos = mat_strings(tables.loadmat(ipath, "AllImages_release")), tables.loadmat(mpath, "AllMOS_release")
+    names, mos = mat_strings(loadmat(ipath, "AllImages_release")), loadmat(mpath, "AllMOS_release")
     mos = mat_floats(mpath, "AllMOS_release", mos)
     if len(names) != len(mos):
         raise ValueError(f"{ipath} lists {len(names)} images but {mpath} has {len(mos)} scores")
@@ -233,8 +233,8 @@ def _live(fs, opts):
         dpath, var = fs.annotation("live", "dmos_realigned.mat"), "dmos_new"
     except FileNotFoundError:
         dpath, var = fs.annotation("live", "dmos.mat"), "dmos"
-    refs, dmos = mat_strings(tables.loadmat(npath, "refnames_all")), mat_floats(dpath, var, tables.loadmat(dpath, var))
-    orgs = mat_floats(dpath, "orgs", tables.loadmat(dpath, "orgs"))
+    refs, dmos = mat_strings(loadmat(npath, "refnames_all")), mat_floats(dpath, var, loadmat(dpath, var))
+    orgs = mat_floats(dpath, "orgs", loadmat(dpath, "orgs"))
     names = [(f"{d}/img{k}.bmp", fam) for d, n, fam in LIVE_FOLDERS for k in range(1, n + 1)]
     if not len(refs) == len(dmos) == len(orgs) == len(names):
         raise ValueError(f"{dpath}: {len(dmos)} scores, {len(orgs)} orgs; {npath}: {len(refs)} names; "
@@ -256,7 +256,7 @@ PYIQA_COLUMNS = {"image": ("img_name", "image name", "image_name", "image", "nam
 
 def _pyiqa(fs, opts):
     path = opts["csv"]
-    rows = [(r, [str(c).strip() for c in row]) for r, row in enumerate(tables.rows(path), start=1) if row and any(row)]
+    rows = [(r, [str(c).strip() for c in row]) for r, row in enumerate(sheet_rows(path), start=1) if row and any(row)]
     if not rows:
         raise ValueError(f"{path}: row 1: empty file, expected img_name,mos,... or ref_name,dist_name,mos,...")
     name = re.sub(r"^meta_info_|Dataset$", "", os.path.splitext(os.path.basename(path))[0])
