@@ -1,37 +1,37 @@
-"""MG-IQA evaluation: rank and linear correlation metrics, benchmark runs, paired model comparison.
+"""MG-IQA evaluation: benchmark runs, their summaries, the HTML report, paired model comparison.
 
-SPEC section 5: per dataset and per attribute SRCC, KRCC (tau-b), PLCC raw and PLCC after the
-4-parameter logistic yhat = (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2 (init b1 = max(y),
-b2 = min(y), b3 = mean(x), b4 = std(x) / 4, as pyiqa and DeQA-Score); parse failures counted, never
-replaced. Metrics are numpy only and handle ties as scipy.stats does; the fit is Levenberg-Marquardt.
+The metrics (SRCC, KRCC, PLCC raw and after the 4-parameter logistic, bootstrap intervals, the
+within-family attribute SRCC) are metrics.py's, importable from here as before (evaluate.srcc ...).
 
-    python evaluate.py --model runs/demo/final --data koniq=/data/koniq10k spaq=/data/spaq --out runs/eval
+    python evaluate.py --model runs/demo/final --data manifest=runs/synth --split test --out runs/ev --report
+    python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --data koniq=/data/koniq10k spaq=/data/spaq --out runs/eval
+    python evaluate.py --model M --data pyiqa=/data/csiq,meta_info_CSIQDataset.csv --out runs/csiq
     python evaluate.py --model tiny --data manifest=runs/synth --split test --limit 20 --out runs/ev  # offline
     python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --suite --data-root /data --out runs/eval_suite
     python evaluate.py --compare runs/a/koniq.jsonl runs/b/koniq.jsonl     # files or folders of *.jsonl
 
-A run writes, in --out: run.json (model, adapter, mode: a rerun with other settings is refused),
-<name>.jsonl per --data entry (one JSON line per image: dataset, image, mos,
-labels, the five scores (null when unparsed), parsed, strict, thinking, completion; appended and
-fsync'd after every batch, so rerunning the same command resumes: images already there are skipped),
+A run writes, in --out: run.json (model, adapter, mode, pixel cap: a rerun with other settings is
+refused), <name>.jsonl per --data entry (one JSON line per image: dataset, image, mos, labels, the
+five scores (null when unparsed), parsed, strict, thinking, completion; appended and fsync'd after
+every batch, so rerunning the same command resumes: images already there are skipped),
 summary.json, results.md (rows: datasets and their average; SRCC and PLCC of overall and of each
-attribute the dataset labels) and, when matplotlib is installed, scatter_<dataset>.png.
+attribute the dataset labels), with --report report.html (report.py: metrics, scatter plots and
+every image with its scores and reasoning, worst-ranked first, in one self-contained file) and,
+when matplotlib is installed, scatter_<dataset>.png. Every .json and .jsonl is strict JSON (NaN
+written as null).
 
---suite reads SPEC 5's eight benchmarks from these folders under --data-root (see data.py for the
-files each must hold): koniq10k (official test split, needs koniq10k_distributions_sets.csv),
-spaq (all), livec (all, t1-t7 dropped), bid (all), kadid10k (reference-disjoint test split of
-data.split_records, seed --seed), csiq (all), tid2013 (all), agiqa3k (all).
+--suite reads the eight benchmarks of docs/METHOD.md from these folders under --data-root (see
+readers.py for the files each must hold): koniq10k (official test split, needs
+koniq10k_distributions_sets.csv), spaq (all), livec (all, t1-t7 dropped), bid (all), kadid10k
+(reference-disjoint test split of data.split_records, seed --seed), csiq (all), tid2013 (all),
+agiqa3k (all).
 
-Departures (ours; SPEC 5 fixes the rest):
-1. PLCC in tables is after the logistic fit; `plcc_raw` (no fit) is in summary.json. The fit is
-   our numpy Levenberg-Marquardt from SPEC's start, not scipy's curve_fit (tests check it is as good).
+Departures (ours; docs/METHOD.md gives the method):
+1. PLCC in tables is after the logistic fit; `plcc_raw` (no fit) is in summary.json.
 2. An image whose prediction is NaN is left out of that metric and counted (n_nan); the average row
    is the plain mean over the datasets that label the column, NaN if any of their values is NaN.
 3. `compare` uses the images both files scored and both parsed (unparsed counts are reported per
    file); the average row resamples each dataset independently and averages the differences.
-4. Within-family attribute SRCC (PITFALLS): with one distortion family per image, an attribute's SRCC
-   over all images mostly measures the family, so it is also reported over that family's images
-   plus clean ones.
 """
 from __future__ import annotations
 
@@ -46,157 +46,25 @@ import numpy as np
 
 import data
 import mgiqa
-from data import FAMILY_TO_ATTRIBUTE, LABELLED  # blur -> sharpness, ...; the four attributes a dataset may label
+import report
+from metrics import (METRICS, attribute_srcc_within_family, bootstrap_ci, finite_pairs, fit_logistic4, krcc, label,
+                     logistic4, match, metrics, plcc, rankdata, srcc)
 from mgiqa import ATTRIBUTES
+from records import FAMILY_TO_ATTRIBUTE, LABELLED
+
+__all__ = ["FAMILY_TO_ATTRIBUTE", "LABELLED", "METRICS", "SUITE", "attribute_srcc_within_family", "bootstrap_ci",
+           "compare", "compare_table", "evaluate_records", "finite_pairs", "fit_logistic4", "krcc", "label",
+           "logistic4", "markdown_table", "match", "metrics", "plcc", "rankdata", "read_rows", "result_row",
+           "scatter_plots", "select_split", "srcc", "summarize"]
+
+DEFAULT_MAX_PIXELS = getattr(mgiqa, "DEFAULT_MAX_PIXELS", 1280 * 28 * 28)  # 1,003,520; mgiqa.py's when it has one
 
 SUITE = (  # (dataset reader, folder under --data-root, split: "official" test, "reference-disjoint" test, or all)
     ("koniq", "koniq10k", "official"), ("spaq", "spaq", None), ("livec", "livec", None), ("bid", "bid", None),
     ("kadid", "kadid10k", "reference-disjoint"), ("csiq", "csiq", None), ("tid2013", "tid2013", None),
     ("agiqa3k", "agiqa3k", None))
 
-# ----------------------------------------------------------------------------- metrics
-
-def finite_pairs(pred, gt) -> tuple[np.ndarray, np.ndarray, int]:
-    """The (pred, gt) pairs where both are finite, and how many were dropped."""
-    pred, gt = np.asarray(pred, dtype=float).ravel(), np.asarray(gt, dtype=float).ravel()
-    if pred.shape != gt.shape:
-        raise ValueError(f"pred has {pred.size} values but gt has {gt.size}")
-    keep = np.isfinite(pred) & np.isfinite(gt)
-    return pred[keep], gt[keep], int((~keep).sum())
-
-
-def rankdata(x) -> np.ndarray:
-    """1-based ranks, ties get their average rank (scipy.stats.rankdata, method 'average')."""
-    x = np.asarray(x, dtype=float)
-    order = np.argsort(x, kind="mergesort")
-    new = np.r_[True, x[order][1:] != x[order][:-1]]
-    starts = np.flatnonzero(new)
-    ends = np.r_[starts[1:], x.size]
-    ranks = np.empty(x.size)
-    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(new) - 1]
-    return ranks
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if x.size < 2:
-        return math.nan
-    x, y = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(x @ x) * float(y @ y))
-    return float(np.clip((x @ y) / den, -1.0, 1.0)) if den > 0 else math.nan
-
-
-def srcc(pred, gt) -> float:
-    x, y, _ = finite_pairs(pred, gt)
-    return _pearson(rankdata(x), rankdata(y)) if x.size >= 2 else math.nan
-
-
-def krcc(pred, gt) -> float:
-    """Kendall tau-b = (C - D) / sqrt((n0 - n1)(n0 - n2)): summed sign products over all pairs,
-    in row chunks so 11k images need ~16 MB."""
-    x, y, _ = finite_pairs(pred, gt)
-    n = x.size
-    if n < 2:
-        return math.nan
-    concordance, chunk = 0.0, max(1, 1_000_000 // n)
-    for i in range(0, n, chunk):
-        concordance += float((np.sign(x[i:i + chunk, None] - x) * np.sign(y[i:i + chunk, None] - y)).sum())
-    untied = [n * (n - 1) - float(((c := np.unique(v, return_counts=True)[1]) * (c - 1)).sum()) for v in (x, y)]
-    return float(concordance / math.sqrt(untied[0] * untied[1])) if min(untied) > 0 else math.nan
-
-
-def logistic4(x, b) -> np.ndarray:
-    """SPEC 5's logistic; the sigmoid written with tanh so no exp() overflows."""
-    b1, b2, b3, b4 = b
-    return (b1 - b2) * 0.5 * (1.0 + np.tanh((np.asarray(x) - b3) / max(abs(b4), 1e-300) / 2.0)) + b2
-
-
-def fit_logistic4(x, y, max_iter: int = 1000) -> np.ndarray:
-    """Least-squares b for logistic4 from SPEC's start: Levenberg-Marquardt with MINPACK's scaling
-    (the largest diag(J^T J) seen so far, as scipy's curve_fit) and Nielsen's damping update."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    b = np.array([y.max(), y.min(), x.mean(), x.std() / 4.0])
-    r = y - logistic4(x, b)
-    sse, lam, nu, scale = float(r @ r), 1e-3, 2.0, np.zeros(4)
-    for _ in range(max_iter):
-        a = max(abs(b[3]), 1e-300)
-        z = (x - b[2]) / a
-        s = 0.5 * (1.0 + np.tanh(z / 2.0))
-        ds = (b[0] - b[1]) * s * (1.0 - s)
-        jac = np.stack([s, 1.0 - s, -ds / a, -ds * z / a * (1.0 if b[3] >= 0 else -1.0)], axis=1)  # (N, 4)
-        jtj, jtr = jac.T @ jac, jac.T @ r
-        scale = np.maximum(scale, np.diag(jtj))
-        damping = scale + 1e-12 * (1.0 + scale.max())
-        while lam < 1e16:
-            step = np.linalg.solve(jtj + lam * np.diag(damping), jtr)  # positive definite: damping > 0
-            r_new = y - logistic4(x, b + step)
-            sse_new = float(r_new @ r_new)
-            if sse_new < sse:
-                break
-            lam, nu = lam * nu, nu * 2.0
-        else:
-            return b  # no step lowers the error: a minimum
-        predicted = float(step @ (lam * damping * step + jtr))  # decrease the linear model promised
-        rho = (sse - sse_new) / predicted if predicted > 0 else 1.0
-        lam, nu = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0
-        b, r, old, sse = b + step, r_new, sse, sse_new
-        if old - sse <= 1e-15 * old:
-            break
-    return b
-
-
-def plcc(pred, gt, fit: str | None = None) -> float:
-    """Pearson of gt with pred (fit=None) or with logistic4(pred) fitted to gt (fit="logistic4")."""
-    x, y, _ = finite_pairs(pred, gt)
-    if fit is None:
-        return _pearson(x, y)
-    if fit != "logistic4":
-        raise ValueError(f"fit must be None or 'logistic4', got {fit!r}")
-    if x.size < 4 or x.std() == 0:  # 4 parameters; a constant prediction has no correlation
-        return math.nan
-    return _pearson(logistic4(x, fit_logistic4(x, y)), y)
-
-
-def metrics(pred, gt) -> dict:
-    _, y, n_nan = finite_pairs(pred, gt)
-    return {"srcc": srcc(pred, gt), "krcc": krcc(pred, gt), "plcc": plcc(pred, gt, fit="logistic4"),
-            "plcc_raw": plcc(pred, gt), "n": int(y.size), "n_nan": n_nan}
-
-
-METRICS = {"srcc": srcc, "krcc": krcc, "plcc": lambda p, g: plcc(p, g, fit="logistic4"), "plcc_raw": plcc}
-
-
-def bootstrap_ci(pred, gt, metric=srcc, n: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """(point estimate, low, high): percentile interval over n resamples of the finite pairs."""
-    metric = METRICS[metric] if isinstance(metric, str) else metric
-    x, y, _ = finite_pairs(pred, gt)
-    rng = np.random.default_rng(seed)
-    values = np.array([metric(x[idx], y[idx]) for idx in (rng.integers(0, x.size, x.size) for _ in range(n))])
-    if not np.isfinite(values).any():
-        return metric(x, y), math.nan, math.nan
-    low, high = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
-    return metric(x, y), float(low), float(high)
-
-
 # ----------------------------------------------------------------------------- result rows
-
-def _label(row_or_record, attribute: str) -> float:
-    if isinstance(row_or_record, dict):
-        value = row_or_record["mos"] if attribute == "overall" else row_or_record["labels"].get(attribute)
-    else:
-        value = row_or_record.mos if attribute == "overall" else row_or_record.attributes.get(attribute)
-    return math.nan if value is None else float(value)
-
-
-def _json_safe(obj):
-    """NaN -> null, so every line is standard JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def read_rows(path: str) -> list[dict]:
@@ -217,6 +85,15 @@ def read_rows(path: str) -> list[dict]:
             raise ValueError(f"{path}: line {number}: not a result row ({err})") from None
         rows.append(row)
     return rows
+
+
+def result_row(rec, res: dict, thinking: bool) -> dict:
+    """One image's row: the record's labels beside an mgiqa.score result (the five scores, strict,
+    completion)."""
+    return {"dataset": rec.dataset, "image": rec.image, "mos": float(rec.mos),
+            "labels": {a: float(rec.attributes[a]) for a in LABELLED if a in rec.attributes},
+            **{a: float(res[a]) for a in ATTRIBUTES}, "parsed": not math.isnan(res["overall"]),
+            "strict": bool(res["strict"]), "thinking": thinking, "completion": res["completion"]}
 
 
 def evaluate_records(model, processor, records, out_jsonl: str | None = None, thinking: bool = True,
@@ -250,13 +127,10 @@ def evaluate_records(model, processor, records, out_jsonl: str | None = None, th
             results = mgiqa.score(model, processor, [r.image for r in chunk], thinking=thinking,
                                   batch_size=len(chunk), max_new_tokens=max_new_tokens)
             for rec, res in zip(chunk, results):
-                row = {"dataset": rec.dataset, "image": rec.image, "mos": float(rec.mos),
-                       "labels": {a: float(rec.attributes[a]) for a in LABELLED if a in rec.attributes},
-                       **{a: float(res[a]) for a in ATTRIBUTES}, "parsed": not math.isnan(res["overall"]),
-                       "strict": bool(res["strict"]), "thinking": thinking, "completion": res["completion"]}
+                row = result_row(rec, res, thinking)
                 done[(rec.dataset, rec.image)] = row
                 if out_jsonl:
-                    out.write(json.dumps(_json_safe(row)) + "\n")
+                    out.write(report.dumps(row) + "\n")
             if out_jsonl:  # every finished batch on disk: a rerun resumes after it
                 out.flush()
                 os.fsync(out.fileno())
@@ -266,30 +140,10 @@ def evaluate_records(model, processor, records, out_jsonl: str | None = None, th
 
 # ----------------------------------------------------------------------------- summaries
 
-def _match(rows, records) -> list:
-    by_key = {(r.dataset, r.image): r for r in records}
-    try:
-        return [by_key[(row["dataset"], row["image"])] for row in rows]
-    except KeyError as err:
-        raise ValueError(f"result row for {err.args[0]} has no record") from None
-
-
-def attribute_srcc_within_family(rows, records) -> dict[str, float]:
-    """Per attribute: SRCC over the images of the family that degrades it plus clean images (no
-    family, level 0), against the attribute label; NaN with fewer than 3 usable images."""
-    recs, out = _match(rows, records), {}
-    for a in LABELLED:
-        pairs = [(row[a], _label(rec, a)) for row, rec in zip(rows, recs)
-                 if FAMILY_TO_ATTRIBUTE.get(rec.family) == a or (rec.family is None and rec.level == 0)]
-        x, y, _ = finite_pairs([p for p, _ in pairs], [g for _, g in pairs])
-        out[a] = srcc(x, y) if x.size >= 3 else math.nan
-    return out
-
-
 def summarize(rows, records) -> dict:
     """Per dataset (in order of first appearance): counts, parse failures, metrics of overall (MOS)
     and of each attribute some record labels; `average` over datasets of srcc and plcc."""
-    recs, groups = _match(rows, records), {}
+    recs, groups = match(rows, records), {}
     for row, rec in zip(rows, recs):
         group_rows, group_recs = groups.setdefault(row["dataset"], ([], []))
         group_rows.append(row)
@@ -300,7 +154,7 @@ def summarize(rows, records) -> dict:
                  "unparsed": {a: sum(not math.isfinite(r[a]) for r in group) for a in ATTRIBUTES},
                  "strict_rate": sum(r["strict"] for r in group) / len(group), "metrics": {}}
         for a in ATTRIBUTES:
-            gt = [_label(rec, a) for rec in group_recs]
+            gt = [label(rec, a) for rec in group_recs]
             if a == "overall" or any(math.isfinite(g) for g in gt):
                 entry["metrics"][a] = metrics([r[a] for r in group], gt)
         if any(rec.family for rec in group_recs):
@@ -357,7 +211,7 @@ def compare(a_rows, b_rows, attribute: str = "overall", n: int = 1000, seed: int
     for ra in a_rows:
         rb = b_by_key.get((ra["dataset"], ra["image"]))
         if rb is not None:
-            la, lb = _label(ra, attribute), _label(rb, attribute)
+            la, lb = label(ra, attribute), label(rb, attribute)
             if la != lb and not (math.isnan(la) and math.isnan(lb)):
                 raise ValueError(f"{ra['image']} ({ra['dataset']}): the two files disagree on its {attribute} label")
             groups.setdefault(ra["dataset"], []).append((ra[attribute], rb[attribute], la))
@@ -408,8 +262,8 @@ def select_split(records, split: str | None, seed: int = 0, official: bool = Fal
     return [r for r in records if r.split == split]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate an MG-IQA model on IQA benchmarks (SPEC 5), or compare runs.")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate an MG-IQA model on IQA benchmarks, or compare runs.")
     g = parser.add_argument_group("model")
     g.add_argument("--model", help="checkpoint folder or hub id; 'tiny' / 'small' for an untrained offline model")
     g.add_argument("--adapter", default=None, help="LoRA adapter folder written by grpo.py")
@@ -417,37 +271,42 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--fast", action="store_true", help="answer only, no reasoning (non-thinking prompt)")
     g.add_argument("--batch-size", type=int, default=8, help="images per generate call; rows are flushed per batch")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: mgiqa.score's (256 thinking, 64 fast)")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"pixel cap for the processor (default {DEFAULT_MAX_PIXELS:,} = 1280*28*28, "
+                        "mgiqa.DEFAULT_MAX_PIXELS); a checkpoint saved with a smaller cap keeps its own")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g = parser.add_argument_group("data")
-    g.add_argument("--data", nargs="+", default=[], metavar="NAME=ROOT", help=f"datasets: {', '.join(data.READERS)}")
-    g.add_argument("--suite", action="store_true", help="SPEC 5's eight benchmarks under --data-root")
+    g.add_argument("--data", nargs="+", default=[], metavar="NAME=ROOT[,FILE][,KEY=VALUE]",
+                   help=f"datasets: {', '.join(data.READERS)}; e.g. pyiqa=/data/csiq,meta_info_CSIQDataset.csv "
+                        "or pyiqa=/data/x,meta.csv,direction=lower (readers.py lists the options)")
+    g.add_argument("--suite", action="store_true", help="the eight benchmarks of docs/METHOD.md under --data-root")
     g.add_argument("--data-root", default=None, help="folder holding the suite's dataset folders")
     g.add_argument("--split", default=None, help="train / val / test of each --data (the suite fixes its own)")
     g.add_argument("--seed", type=int, default=0, help="seed of data.split_records where a dataset has no split")
     g.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset")
     g = parser.add_argument_group("output and comparison")
     g.add_argument("--out", default=None, help="output folder (required for a run; resumes when it holds results)")
+    g.add_argument("--report", action="store_true",
+                   help="also write report.html: metrics, scatter plots and every image with its scores, worst-ranked first")
+    g.add_argument("--report-images", type=int, default=None, metavar="N",
+                   help="with --report: at most N images per dataset in the grid, the worst-ranked (default: all)")
     g.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two result files (or folders of *.jsonl) to compare")
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for --compare")
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
 
-    if args.compare:
-        result = compare(read_rows(args.compare[0]), read_rows(args.compare[1]), n=args.n_boot, seed=args.seed)
-        print(f"A = {args.compare[0]}, B = {args.compare[1]}, overall SRCC, paired bootstrap ({args.n_boot})")
-        print(compare_table(result), end="")
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "compare.json"), "w") as f:
-                json.dump(_json_safe(result), f, indent=1)
-        return 0
-    if not args.model or not args.out or not (args.data or args.suite) or (args.suite and not args.data_root):
-        parser.error("a run needs --model, --out and --data NAME=ROOT ... or --suite --data-root ROOT")
-    sets = []  # (file stem, records)
+
+def load_sets(parser, args) -> list[tuple[str, list]]:
+    """(file stem, records) for each --data entry and each suite benchmark, split and limited."""
+    sets = []
     for spec in args.data:
-        name, sep, root = spec.partition("=")
-        if not sep or name not in data.READERS:
-            parser.error(f"--data {spec!r}: expected NAME=ROOT with NAME one of {', '.join(data.READERS)}")
-        sets.append((name, select_split(data.load_dataset(name, root), args.split, args.seed)))
+        try:
+            name, root, opts = data.parse_spec(spec)
+        except ValueError as err:
+            parser.error(f"--data: {err}")
+        if name not in data.READERS:
+            parser.error(f"--data {spec!r}: NAME must be one of {', '.join(data.READERS)}")
+        records = select_split(data.load_dataset(name, root, **opts), args.split, args.seed)
+        sets.append((records[0].dataset if name == "pyiqa" and records else name, records))
     if args.suite:
         for name, folder, how in SUITE:
             records = data.load_dataset(name, os.path.join(args.data_root, folder))
@@ -457,6 +316,22 @@ def main(argv: list[str] | None = None) -> int:
     for stem, records in sets:
         if not records or [s for s, _ in sets].count(stem) > 1:
             parser.error(f"{stem}: named twice, or no images to evaluate (split {args.split!r})")
+    return sets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
+    if args.compare:
+        result = compare(read_rows(args.compare[0]), read_rows(args.compare[1]), n=args.n_boot, seed=args.seed)
+        print(f"A = {args.compare[0]}, B = {args.compare[1]}, overall SRCC, paired bootstrap ({args.n_boot})")
+        print(compare_table(result), end="")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            report.write_json(os.path.join(args.out, "compare.json"), result)
+        return 0
+    if not args.model or not args.out or not (args.data or args.suite) or (args.suite and not args.data_root):
+        parser.error("a run needs --model, --out and --data NAME=ROOT ... or --suite --data-root ROOT")
+    sets = load_sets(parser, args)
 
     import torch
     if args.threads:
@@ -464,16 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in mgiqa.SIZES:
         print(f"note: --model {args.model} is an untrained random model: its scores are noise.", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    run = {"model": args.model, "adapter": args.adapter, "thinking": not args.fast, "max_new_tokens": args.max_new_tokens}
+    run = {"model": args.model, "adapter": args.adapter, "thinking": not args.fast, "max_new_tokens": args.max_new_tokens,
+           "max_pixels": args.max_pixels}
     run_path = os.path.join(args.out, "run.json")
     if os.path.exists(run_path):
         with open(run_path) as f:
             earlier = json.load(f)
         if earlier != run:
             parser.error(f"{run_path}: the results there come from {earlier}, not {run}; use another --out")
-    with open(run_path, "w") as f:
-        json.dump(run, f)
-    model, processor = mgiqa.load(args.model, device=args.device, adapter=args.adapter)
+    report.write_json(run_path, run, indent=None)
+    model, processor = mgiqa.load(args.model, device=args.device, adapter=args.adapter, max_pixels=args.max_pixels)
     rows, records = [], []
     for stem, recs in sets:
         rows += evaluate_records(model, processor, recs, os.path.join(args.out, f"{stem}.jsonl"),
@@ -481,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                                  max_new_tokens=args.max_new_tokens, progress=True)
         records += recs
     summary = {**run, "split": args.split, **summarize(rows, records)}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(_json_safe(summary), f, indent=1)
+    report.write_json(os.path.join(args.out, "summary.json"), summary)
     table = markdown_table(summary)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
@@ -492,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {d['parse_failures']} of {d['n']} completions had no parsable overall score "
                   "(left out of the metrics, counted)")
     print(scatter_plots(rows, args.out))
+    if args.report:
+        path = report.write_report(
+            os.path.join(args.out, "report.html"), rows, records, summary, f"MG-IQA evaluation: {args.model}",
+            subtitle=f"adapter {args.adapter or 'none'} · {'reasoning' if not args.fast else 'answer only'} · "
+                     f"split {args.split or 'as given'} · pixel cap {args.max_pixels:,}",
+            note="an untrained random model: its scores are noise" if args.model in mgiqa.SIZES else "",
+            max_images=args.report_images)
+        print(f"wrote {path}")
     return 0
 
 

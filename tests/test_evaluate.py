@@ -1,4 +1,4 @@
-"""evaluate.py against SPEC section 5: hand-computed metrics, scipy cross-checks, the logistic fit,
+"""evaluate.py and metrics.py: hand-computed metrics, scipy cross-checks, the logistic fit,
 bootstrap, resume after an interruption, full runs of tiny_vlm, comparison, plots, the suite."""
 import csv
 import json
@@ -17,6 +17,7 @@ from PIL import Image
 import data
 import evaluate as ev
 import mgiqa
+import report
 from mgiqa import ATTRIBUTES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,7 +186,7 @@ def test_resume_after_interruption_in_process(tmp_path, monkeypatch):
     monkeypatch.setattr(mgiqa, "score", FakeScore(good_or_garbage))
     again = ev.evaluate_records(None, None, records, resumed, batch_size=2)
     assert open(resumed).read() == open(fresh).read()
-    assert json.dumps(ev._json_safe(again)) == json.dumps(ev._json_safe(rows))
+    assert report.dumps(again) == report.dumps(rows)
     with pytest.raises(ValueError, match="thinking=True"):
         ev.evaluate_records(None, None, records, resumed, thinking=False)
     with pytest.raises(ValueError, match="more than once"):
@@ -239,6 +240,31 @@ def test_full_tiny_run_on_synthetic_data_writes_all_outputs(tmp_path, one_thread
     assert "| synthetic | 5 | 5 |" in table
 
 
+def test_report_and_strict_json_of_a_run(tmp_path, monkeypatch):
+    from test_report import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
+    data.make_synthetic(str(tmp_path / "d"), 20, 56, seed=0)
+    loads = []
+    monkeypatch.setattr(mgiqa, "load", lambda *a, **k: loads.append(k) or (None, None))
+    monkeypatch.setattr(mgiqa, "score", FakeScore(lambda im: "garbage" if im.endswith("_3.png") else GOOD.format(1 + int(im[-5]) % 5)))
+    assert run("--model", "m", "--data", f"manifest={tmp_path / 'd'}", "--out", tmp_path / "o", "--report") == 0
+    assert loads[0]["max_pixels"] == ev.DEFAULT_MAX_PIXELS == 1280 * 28 * 28  # the documented default cap
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["max_pixels"] == 1280 * 28 * 28
+    rows = ev.read_rows(str(tmp_path / "o" / "manifest.jsonl"))
+    p = parse_report((tmp_path / "o" / "report.html").read_text(encoding="utf-8"))
+    assert_self_contained(p)
+    assert_cards_match_rows(p, rows)  # every image, scores as in the JSONL
+    assert sorted(strict_json_files(tmp_path / "o")) == ["manifest.jsonl", "run.json", "summary.json"]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["datasets"]["synthetic"]["parse_failures"] == 4
+    assert run("--model", "m", "--data", f"manifest={tmp_path / 'd'}", "--out", tmp_path / "p", "--max-pixels", "7056") == 0
+    assert loads[-1]["max_pixels"] == 7056 and not (tmp_path / "p" / "report.html").exists()
+
+
+def test_every_option_has_help():
+    parser, _ = ev.parse_args(["--model", "m"])
+    assert all(a.help for a in parser._actions if a.dest != "help")
+
+
 def test_within_family_srcc():
     from data import Record
     recs, rows = [], []
@@ -273,7 +299,7 @@ def test_compare_two_result_files(tmp_path):
     a[0]["overall"] = NAN
     for path, rows in (("a.jsonl", a), ("b.jsonl", b)):
         with open(tmp_path / path, "w") as f:
-            f.writelines(json.dumps(ev._json_safe(r)) + "\n" for r in rows)
+            f.writelines(report.dumps(r) + "\n" for r in rows)
     result = ev.compare(ev.read_rows(str(tmp_path / "a.jsonl")), ev.read_rows(str(tmp_path / "b.jsonl")), n=300)
     d = result["d"]
     assert d["n"] == 199 and d["unparsed"] == [1, 0] and d["low"] < d["diff"] < d["high"]
