@@ -3,9 +3,11 @@ optionally the vision tower's), the reference policy as the same model with its 
 off, and the adapter saved in PEFT's file layout so that `peft`, `mgiqa.py --adapter` and
 `evaluate.py --adapter` all read it.
 
-A new adapter is a no-op (B = 0). Defaults as SPEC 3 / the README's GPU recipe: rank 64, alpha 128,
-dropout 0 (so with one update per batch rho = 1 exactly). VisualQuality-R1 fine-tunes every weight
-instead (`grpo.py --full`).
+A new adapter is a no-op (B = 0). Defaults as the README's GPU recipe: rank 64, alpha 128, dropout 0
+(so with one update per batch rho = 1 exactly). VisualQuality-R1 fine-tunes every weight instead
+(`grpo.py --full`). A and B are fp32 whatever the base dtype (as PEFT): a bf16 adapter at lr 1e-5
+loses most of its updates to rounding. The forward computes the adapter path in fp32 and adds it to
+the base output in the base dtype; merging adds the delta in fp32 and casts once.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base, self.rank, self.scale = base, rank, alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
@@ -36,7 +39,8 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         out = self.base(x)
         if self.enabled:
-            out = out + self.dropout(x) @ self.lora_A.t() @ self.lora_B.t() * self.scale
+            delta = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t() * self.scale
+            out = out + delta.to(out.dtype)
         return out
 
 
@@ -86,7 +90,8 @@ def save_adapter(model, out_dir, rank, alpha, dropout, base_model_name="") -> No
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)})
+    # full module names, not suffixes: a suffix such as gate_proj also matches the vision tower's MLP
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
               "target_modules": names, "bias": "none", "base_model_name_or_path": base_model_name,
               "fan_in_fan_out": False, "inference_mode": True}
@@ -106,12 +111,17 @@ def load_adapter_weights(model, adapter_dir) -> None:
                 m.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
 
 
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B A computed in fp32, cast once to W's dtype (added in bf16, small deltas vanish)."""
+    return (weight.float() + scale * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
 def merge_lora(model):
     """Fold every adapter into its base weight and unwrap: a plain transformers model again."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             with torch.no_grad():
-                m.base.weight += (m.lora_B @ m.lora_A * m.scale).to(m.base.weight.dtype)
+                m.base.weight.copy_(merged_weight(m.base.weight, m.lora_A, m.lora_B, m.scale))
             parent = model.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, name.rsplit(".", 1)[-1], m.base)
     return model

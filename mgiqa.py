@@ -324,7 +324,9 @@ def tiny_vlm(seed: int = 0, size: str = "tiny"):
 
 # ----------------------------------------------------------------------------- loading real checkpoints
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # scoring; grpo.py trains TRAINABLE_MODEL_TYPES
+TRAINABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # 1,003,520: transformers' own default for these processors, at most 1,280 image tokens
 
 
 def _resolve_device(device: str):
@@ -337,9 +339,11 @@ def _resolve_device(device: str):
 
 def apply_adapter(model, adapter_dir: str | os.PathLike) -> None:
     """Merge LoRA weights saved in PEFT's layout (adapter_config.json, adapter_model.safetensors,
-    keys `base_model.model.<module>.lora_A.weight`) into the model: W += alpha / r * B @ A."""
+    keys `base_model.model.<module>.lora_A.weight`) into the model: W + alpha / r * B @ A in fp32."""
     import torch
     from safetensors.torch import load_file
+
+    from lora import merged_weight
 
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
@@ -355,15 +359,18 @@ def apply_adapter(model, adapter_dir: str | os.PathLike) -> None:
         if name not in modules:
             raise ValueError(f"{weights_path}: adapter targets {name!r}, which this model does not have")
         linear = modules[name]
-        a = weights[f"base_model.model.{name}.lora_A.weight"].float()
-        b = weights[f"base_model.model.{name}.lora_B.weight"].float()
+        a = weights[f"base_model.model.{name}.lora_A.weight"]
+        b = weights[f"base_model.model.{name}.lora_B.weight"]
         with torch.no_grad():
-            linear.weight += (scale * b @ a).to(linear.weight.dtype)
+            linear.weight.copy_(merged_weight(linear.weight, a.to(linear.weight.device), b.to(linear.weight.device), scale))
 
 
-def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: str | None = None, max_pixels: int | None = None):
-    """Any Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local folder or hub id), or "tiny" /
-    "small" for tiny_vlm. Returns (model, processor) in eval mode, left padding for batching."""
+def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: str | None = None,
+         max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local folder or hub id), or "tiny" / "small"
+    for tiny_vlm. Returns (model, processor) in eval mode, left padding for batching, the processor's
+    pixel cap lowered to max_pixels (cap_pixels). Training (grpo.py) is built and tested for
+    Qwen2-VL / Qwen2.5-VL only (TRAINABLE_MODEL_TYPES); Qwen3-VL checkpoints load and score here."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -390,12 +397,25 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: 
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False).eval()
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
-    if max_pixels is not None:
-        processor.image_processor.max_pixels = max_pixels
-        processor.image_processor.size = {**dict(processor.image_processor.size or {}), "longest_edge": max_pixels}
+    cap_pixels(processor.image_processor, max_pixels)
     if adapter is not None:
         apply_adapter(model, adapter)
     return model.to(target), processor
+
+
+def cap_pixels(image_processor, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """Lower the processor's pixel cap to max_pixels (never raise it: a checkpoint saved with a
+    smaller cap, such as the demo's 84 x 84 scenes, keeps it). Qwen's published processors allow
+    12.8 MP: 15,301 image tokens for a 4000 x 3000 photo; 1,003,520 pixels is at most 1,280 tokens."""
+    if max_pixels is None:
+        return
+    size = image_processor.size  # a dict, or transformers' SizeDict (item access works on both)
+    cap = min(int(max_pixels), int(size["longest_edge"] or max_pixels))
+    size["longest_edge"] = cap
+    if (size.get("shortest_edge") or 0) > cap:
+        size["shortest_edge"] = cap
+    if getattr(image_processor, "max_pixels", None):
+        image_processor.max_pixels = min(image_processor.max_pixels, cap)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -429,6 +449,39 @@ def decode_completions(processor, sequences, eos: list[int]) -> list[str]:
     return texts
 
 
+def plain_generation_config(model):
+    """A generation config holding only the model's special-token ids: what scoring decodes under and
+    what merged checkpoints are saved with, so no checkpoint setting (Qwen's repetition_penalty,
+    top_k ...) changes a score."""
+    from transformers import GenerationConfig
+
+    gc = model.generation_config
+    return GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id)
+
+
+class _generation_config:
+    """generate() fills every setting its argument leaves None from model.generation_config: swap
+    that for the plain one during the call, so nothing of the checkpoint's leaks in."""
+
+    def __init__(self, model, config):
+        self.model, self.config = model, config
+
+    def __enter__(self):
+        self.saved, self.model.generation_config = self.model.generation_config, self.config
+
+    def __exit__(self, *exc):
+        self.model.generation_config = self.saved
+
+
+def decoding_settings(temperature: float, max_new_tokens: int, num_samples: int = 1) -> dict:
+    """Every sampling setting of generate, explicit (the decoding contract shared with grpo's rollouts):
+    plain temperature sampling, or greedy at temperature 0; no top-k, top-p, repetition penalty or beams."""
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False, temperature=1.0)
+    return dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=num_samples, num_beams=1,
+                top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                length_penalty=1.0, **sampling)
+
+
 def score(model, processor, images, thinking: bool = True, batch_size: int = 8, num_samples: int = 1,
           temperature: float = 0.0, max_new_tokens: int | None = None, progress: bool = False) -> list[dict]:
     """Score images (paths or PIL images) in batches; results in input order.
@@ -449,7 +502,9 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
     eos = eos_ids(model, processor)
     banned = banned_token_ids(processor)
     device = next(model.parameters()).device
-    sampling = dict(do_sample=True, temperature=temperature, top_k=None, top_p=None) if temperature > 0 else dict(do_sample=False)
+    generation_config = plain_generation_config(model)  # not the checkpoint's: see decoding_settings
+    generation_config.update(**decoding_settings(temperature, max_new_tokens, num_samples), eos_token_id=eos,
+                             pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=banned or None)
     results = []
     starts = range(0, len(images), batch_size)
     if progress:
@@ -460,9 +515,8 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
         pil = [load_image(im) for im in chunk]
         enc = processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                 eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id,
-                                 suppress_tokens=banned or None, **sampling)
+            with _generation_config(model, generation_config):
+                out = model.generate(**enc, generation_config=generation_config)
         completions = decode_completions(processor, out[:, enc["input_ids"].shape[1]:], eos)
         for i, image in enumerate(chunk):
             samples = completions[i * num_samples:(i + 1) * num_samples]
@@ -491,9 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder written by grpo.py (PEFT layout)")
     parser.add_argument("--fast", action="store_true", help="no reasoning, only the answer (non-thinking prompt)")
     parser.add_argument("--json", action="store_true", help="one JSON line per image, with the reasoning")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (thinking) or 64 (--fast)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="pixel cap for the processor (default 1,003,520 = 1280 x 28 x 28; a smaller saved cap wins)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
@@ -510,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in SIZES:
         print(f"note: --model {args.model} is an untrained random model: its scores are noise.", file=sys.stderr)
     try:
-        model, processor = load(args.model, device=args.device, adapter=args.adapter)
+        model, processor = load(args.model, device=args.device, adapter=args.adapter, max_pixels=args.max_pixels)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -101,30 +101,39 @@ def expand_features(features, K: int):
     return BaseModelOutputWithPooling(pooler_output=tuple(f for f in features.pooler_output for _ in range(K)))
 
 
-def _checkpointing(model) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.model.language_model.modules())
+def _prefix_cache_breaks_backward(model) -> bool:
+    """A prompt KV cache shared by the completion rows cannot carry gradients when HF's gradient
+    checkpointing is on (it drops the cache inside checkpointed layers while grad is on,
+    transformers/modeling_layers.py) or the layers are FSDP2 units (the completion pass's backward
+    reshards a layer before the prompt pass's backward has used its weights)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(getattr(m, "gradient_checkpointing", False) or isinstance(m, FSDPModule)
+               for m in model.model.language_model.modules())
 
 
 def _varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
     """Vision attention over many images in one call: (1, H, S, d) split by cu_seq_lens into
-    independent sequences. Equal lengths (same-size images) -> one batched sdpa; otherwise a
-    block-diagonal mask. transformers' own non-flash path loops over the images one by one."""
+    independent sequences; the sequences of each length go through one batched sdpa (memory
+    sum L^2, never one S x S mask). transformers' own non-flash path loops over them one by one."""
     _, H, S, d = query.shape
-    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-    if len(set(lengths)) == 1:
+    starts, lengths = cu_seq_lens_q[:-1].tolist(), (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    if len(set(lengths)) == 1:  # same-size images: one view, no copies
         n, L = len(lengths), lengths[0]
         q, k, v = (t.view(H, n, L, d).transpose(0, 1) for t in (query, key, value))  # (n, H, L, d)
-        out = F.scaled_dot_product_attention(q, k, v, scale=scaling)  # (n, H, L, d)
-        return out.permute(0, 2, 1, 3).reshape(1, S, H, d), None
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=query.device), torch.as_tensor(lengths, device=query.device))
-    mask = seq[:, None] == seq[None, :]  # (S, S) block diagonal
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)  # (1, H, S, d)
+        return F.scaled_dot_product_attention(q, k, v, scale=scaling).permute(0, 2, 1, 3).reshape(1, S, H, d), None
+    out = torch.empty_like(query)  # (1, H, S, d)
+    for L in sorted(set(lengths)):
+        idx = torch.cat([torch.arange(s, s + L, device=query.device) for s, n in zip(starts, lengths) if n == L])
+        q, k, v = (t[0, :, idx].view(H, -1, L, d).transpose(0, 1) for t in (query, key, value))  # (n, H, L, d)
+        out[0, :, idx] = F.scaled_dot_product_attention(q, k, v, scale=scaling).transpose(0, 1).reshape(H, -1, d)
     return out.transpose(1, 2), None
 
 
 def fast_vision(model) -> None:
     """Same numbers, less CPU time: batched vision attention (above) and the patch embedding's
-    Conv3d, whose kernel equals its stride, run as the equivalent matrix product."""
+    Conv3d, whose kernel equals its stride, run as the equivalent matrix product. For the CPU
+    (grpo.build_model installs it there only): on CUDA the stock sdpa / flash-attention kernels are faster."""
     import types
     from transformers import AttentionInterface
 
@@ -269,10 +278,8 @@ def completion_hidden(model, p: Prompts, K, ids, mask, shared_prefix=True, featu
 
     B, Tc = p.input_ids.shape[0], ids.shape[1]
     offsets = torch.arange(Tc, device=ids.device)
-    if shared_prefix and torch.is_grad_enabled() and model.training and _checkpointing(model):
-        # HF's gradient checkpointing drops the KV cache inside checkpointed decoder layers while
-        # grad is on (transformers/modeling_layers.py), so the completion rows would not see the
-        # prompt: repeat the prompt rows instead, keeping one vision pass per image.
+    if shared_prefix and torch.is_grad_enabled() and model.training and _prefix_cache_breaks_backward(model):
+        # repeat the prompt rows instead, keeping one vision pass per image
         features, shared_prefix = (features if features is not None else image_features(model, p)), False
     if shared_prefix:
         feats = features if features is not None else image_features(model, p)

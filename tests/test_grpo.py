@@ -19,12 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import grpo
 import lora
 import mgiqa
+import parallel
 import reward
 import rollouts
+import step
 from mgiqa import ATTRIBUTES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,7 +251,7 @@ def test_score_token_attributes_marks_each_scores_digits(base):
     Tc = max(map(len, rows)) + 2
     ids = torch.tensor([r + [tok.pad_token_id] * (Tc - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (Tc - len(r)) for r in rows])
-    got = grpo.score_token_attributes(tok, ids, mask)
+    got = reward.score_token_attributes(tok, ids, mask)
     number = re.compile(r'"(' + "|".join(ATTRIBUTES) + r')": ([0-9.]+)')
     for r, row in enumerate(rows):
         text = tok.decode(row)
@@ -268,12 +271,12 @@ def test_score_token_attributes_marks_each_scores_digits(base):
 def test_k3_nonnegative_and_zero_at_equality():
     torch.manual_seed(0)
     logp, ref = -torch.rand(1000) * 5, -torch.rand(1000) * 5
-    kl = grpo.k3_kl(logp, ref)
+    kl = step.k3_kl(logp, ref)
     assert (kl >= 0).all() and kl.max() > 0.1
-    assert torch.equal(grpo.k3_kl(logp, logp), torch.zeros(1000))
+    assert torch.equal(step.k3_kl(logp, logp), torch.zeros(1000))
     d = ref - logp  # hand formula
     assert torch.allclose(kl, torch.exp(d) - d - 1)
-    assert abs(grpo.k3_kl(torch.tensor(0.0), torch.log(torch.tensor(2.0))).item() - (2 - np.log(2) - 1)) < 1e-6
+    assert abs(step.k3_kl(torch.tensor(0.0), torch.log(torch.tensor(2.0))).item() - (2 - np.log(2) - 1)) < 1e-6
 
 
 def test_clipping_only_outside_the_band_in_the_advantages_direction():
@@ -282,7 +285,7 @@ def test_clipping_only_outside_the_band_in_the_advantages_direction():
     logp, old = torch.log(rho), torch.zeros(7)
     for sign in (1.0, -1.0):
         adv = torch.full((7,), 2.0 * sign)
-        loss, clipped = grpo.clipped_surrogate(logp, old, adv, eps_low, eps_high)
+        loss, clipped = step.clipped_surrogate(logp, old, adv, eps_low, eps_high)
         if sign > 0:  # a good action: only a ratio above 1 + eps_high is capped
             want_clip = rho > 1 + eps_high
         else:  # a bad action: only a ratio below 1 - eps_low is capped
@@ -292,7 +295,7 @@ def test_clipping_only_outside_the_band_in_the_advantages_direction():
         assert torch.allclose(loss, want, atol=1e-6)
         # the gradient vanishes exactly on clipped tokens
         lp = logp.clone().requires_grad_(True)
-        grpo.clipped_surrogate(lp, old, adv, eps_low, eps_high)[0].sum().backward()
+        step.clipped_surrogate(lp, old, adv, eps_low, eps_high)[0].sum().backward()
         assert torch.equal(lp.grad == 0, want_clip)
 
 
@@ -300,18 +303,18 @@ def test_aggregations_agree_when_lengths_are_equal():
     torch.manual_seed(0)
     x = torch.randn(4, 6)
     full = torch.ones(4, 6)
-    values = [grpo.aggregate(x, full, m) for m in ("grpo", "bnpo", "dr_grpo")]
+    values = [step.aggregate(x, full, m) for m in ("grpo", "bnpo", "dr_grpo")]
     assert torch.allclose(values[0], values[1]) and torch.allclose(values[0], values[2])
     assert torch.allclose(values[0], x.mean())
     ragged = torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 6, [1] * 3 + [0] * 3])
-    g, b, d = (grpo.aggregate(x, ragged, m) for m in ("grpo", "bnpo", "dr_grpo"))
+    g, b, d = (step.aggregate(x, ragged, m) for m in ("grpo", "bnpo", "dr_grpo"))
     rows = [x[i, :int(ragged[i].sum())].mean() for i in range(4)]
     assert torch.allclose(g, torch.stack(rows).mean())
     assert torch.allclose(b, x[ragged.bool()].mean())
     assert torch.allclose(d, x[ragged.bool()].sum() / 24)
     assert not torch.allclose(g, b)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
-        grpo.aggregate(x, full, "mean")
+        step.aggregate(x, full, "mean")
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -385,14 +388,14 @@ def test_shared_and_straightforward_paths_agree(fresh, monkeypatch):
         p, ids, mask = sample(m, processor, images, K, T=10, shared_prefix=shared)
         completions = mgiqa.decode_completions(processor, ids, mgiqa.eos_ids(m, processor))
         rewards = text_reward(completions, fake_batch(2)["P"], None)
-        adv = grpo.token_advantages(rewards, torch.full_like(ids, -1))
+        adv = reward.token_advantages(rewards, torch.full_like(ids, -1))
         m.train()
         with torch.no_grad():
             logp = rollouts.completion_logprobs(m, p, K, ids, mask, 1.0, mgiqa.banned_token_ids(processor), shared)
         torch.manual_seed(5)
         opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=0.0)
-        stats = grpo.grpo_step({**cfg, "straightforward": not shared}, m, processor, grpo.PolicyLogprobs(m),
-                               fake_batch(2), images, optimizer=opt)
+        stats = step.grpo_step({**cfg, "straightforward": not shared}, parallel.Policy(m), processor,
+                               fake_batch(2), images, text_reward, optimizer=opt)
         out[shared] = dict(ids=ids, rewards=rewards["total"], adv=adv, logp=logp, stats=stats, grads=grads(m))
     a, b = out[True], out[False]
     assert torch.equal(a["ids"], b["ids"])
@@ -487,11 +490,11 @@ def test_one_step_changes_lora_weights_and_nothing_else(monkeypatch):
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg["lr"])
-    policy = grpo.PolicyLogprobs(model)
+    policy = parallel.Policy(model)
     images = random_images(2)
-    for step in range(2):  # lora_B starts at 0, so lora_A's gradient is 0 until B has moved
-        torch.manual_seed(step)
-        grpo.grpo_step(cfg, model, processor, policy, fake_batch(2), images, optimizer=opt)
+    for i in range(2):  # lora_B starts at 0, so lora_A's gradient is 0 until B has moved
+        torch.manual_seed(i)
+        step.grpo_step(cfg, policy, processor, fake_batch(2), images, text_reward, optimizer=opt)
     after = model.state_dict()
     for n in before:
         if ".lora_" in n:
@@ -510,7 +513,8 @@ def test_full_step_changes_trainable_weights_not_the_reference(monkeypatch):
     before, ref_before = copy.deepcopy(model.state_dict()), copy.deepcopy(ref.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     torch.manual_seed(0)
-    grpo.grpo_step(cfg, model, processor, grpo.PolicyLogprobs(model), fake_batch(2), random_images(2), ref_model=ref, optimizer=opt)
+    step.grpo_step(cfg, parallel.Policy(model), processor, fake_batch(2), random_images(2), text_reward,
+                   ref=parallel.Policy(ref), optimizer=opt)
     after = model.state_dict()
     params = {n for n, _ in model.named_parameters()}
     unchanged = [n for n in params if torch.equal(before[n], after[n])]
@@ -528,7 +532,9 @@ def test_peft_layout_adapter_loads_back(tmp_path):
     lora.save_adapter(model, tmp_path / "adapter", 4, 8, 0.0, "tiny")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    assert set(config["target_modules"]) == set(lora.LM_TARGETS)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    assert set(config["target_modules"]) == wrapped and not any(".visual." in f".{n}." for n in wrapped)
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == set(lora.LM_TARGETS)
     from safetensors.torch import load_file
     weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     modules = dict(model.named_modules())
@@ -548,6 +554,34 @@ def test_peft_layout_adapter_loads_back(tmp_path):
     assert (full_logits(again, processor, images) - want).abs().max() < 1e-6
 
 
+def test_peft_loads_our_adapter_with_our_logits_and_merge(tmp_path):
+    """PEFT reads the adapter grpo.py writes: the same logits (1e-5), adapters on exactly the
+    modules we trained, and PEFT's merge_and_unload equals ours (1e-6 on the weights)."""
+    peft = pytest.importorskip("peft")  # test-only requirement
+    base, processor = mgiqa.tiny_vlm(0, "tiny")
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    model, _ = mgiqa.load(str(tmp_path / "base"), device="cpu")
+    lora.add_lora(model, rank=4, alpha=8)
+    randomize_lora(model, std=0.2)
+    lora.save_adapter(model, tmp_path / "adapter", 4, 8, 0.0, str(tmp_path / "base"))
+    images = random_images(2)
+    ours = full_logits(model, processor, images)
+    plain, _ = mgiqa.load(str(tmp_path / "base"), device="cpu")
+    theirs_model = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
+    theirs = full_logits(theirs_model, processor, images)
+    assert (ours - full_logits(mgiqa.load(str(tmp_path / "base"), device="cpu")[0], processor, images)).abs().max() > 1e-2
+    assert (theirs - ours).abs().max() < 1e-5
+    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in theirs_model.named_modules()
+                    if type(m).__name__ == "Linear" and hasattr(m, "lora_A")}
+    assert peft_wrapped == {n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    merged_theirs = theirs_model.merge_and_unload().state_dict()
+    merged_ours = lora.merge_lora(model).state_dict()
+    assert merged_theirs.keys() == merged_ours.keys()
+    for n in merged_ours:
+        assert (merged_theirs[n] - merged_ours[n]).abs().max() < 1e-6, n
+
+
 def test_merged_checkpoint_gives_base_plus_adapter_logits(fresh, tmp_path):
     model, processor = fresh
     lora.add_lora(model, rank=4, alpha=8, vision=True)
@@ -556,7 +590,7 @@ def test_merged_checkpoint_gives_base_plus_adapter_logits(fresh, tmp_path):
     want = full_logits(model, processor, images)
     with lora.adapters_disabled(model):
         assert (full_logits(model, processor, images) - want).abs().max() > 1e-2
-    grpo.save_merged(model, processor, str(tmp_path / "merged"))
+    checkpoint.save_merged(model, processor, str(tmp_path / "merged"))
     assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     loaded, loaded_processor = mgiqa.load(str(tmp_path / "merged"), device="cpu")
     assert not any("lora" in n for n in loaded.state_dict())
@@ -598,12 +632,12 @@ def uninterrupted(synthetic, tmp_path_factory):
         model, history, _ = run_train(tmp_path_factory.mktemp("straight"), synthetic)
     finally:
         mp.undo()
-    return grpo.trainable_state(model), history
+    return checkpoint.trainable_state(model), history
 
 
 def assert_same_run(model, history, uninterrupted):
     state, want_history = uninterrupted
-    got = grpo.trainable_state(model)
+    got = checkpoint.trainable_state(model)
     assert got.keys() == state.keys()
     assert any(t.abs().sum() > 0 for n, t in state.items() if ".lora_B" in n)  # it did learn something
     for n in state:
@@ -621,7 +655,7 @@ def test_resume_at_step_3_is_bit_identical(synthetic, uninterrupted, tmp_path, m
 
     with pytest.raises(Crash):
         run_train(tmp_path, synthetic, log=crash_at_4)
-    assert grpo.checkpoints(tmp_path) == [3]
+    assert checkpoint.checkpoints(tmp_path) == [3]
     model, history, lines = run_train(tmp_path, synthetic, seed_noise=7)
     assert lines[0].startswith("resumed from") and lines[0].endswith("at step 3")
     assert_same_run(model, history, uninterrupted)
@@ -644,64 +678,8 @@ def test_crash_during_checkpoint_write_resumes_from_previous(synthetic, uninterr
         run_train(tmp_path, synthetic)
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "checkpoint-6.tmp").is_dir() and not (tmp_path / "checkpoint-6").exists()
-    assert grpo.checkpoints(tmp_path) == [3]
+    assert checkpoint.checkpoints(tmp_path) == [3]
     model, history, lines = run_train(tmp_path, synthetic, seed_noise=3)
     assert "checkpoint-3 at step 3" in lines[0]
     assert_same_run(model, history, uninterrupted)
-    assert grpo.checkpoints(tmp_path) == [3, 6] and not (tmp_path / "checkpoint-6.tmp").exists()
-
-
-# ----------------------------------------------------------------------------- torchrun, 2 ranks
-
-DDP_WRAPPER = """
-import json, os, sys
-sys.path.insert(0, {root!r})
-sys.path.insert(0, {tests!r})
-import grpo, reward
-from safetensors.torch import save_file
-from test_grpo import text_reward
-
-reward.mg_reward = text_reward
-train = grpo.train
-
-def dumping_train(cfg, model, *args, **kwargs):
-    rank = int(os.environ["RANK"])
-    save_file(grpo.trainable_state(model), os.path.join(cfg["out"], f"init{{rank}}.safetensors"))
-    history = train(cfg, model, *args, **kwargs)
-    save_file(grpo.trainable_state(model), os.path.join(cfg["out"], f"rank{{rank}}.safetensors"))
-    with open(os.path.join(cfg["out"], f"rank{{rank}}.json"), "w") as f:
-        json.dump([[h["completions"], h["reward"]] for h in history], f)
-    return history
-
-grpo.train = dumping_train
-sys.exit(grpo.main(sys.argv[1:]))
-"""
-
-
-def test_torchrun_two_ranks_keep_identical_weights(tmp_path):
-    from safetensors.torch import load_file
-    data.make_synthetic(str(tmp_path / "syn"), 30, 56, seed=0)
-    wrapper = tmp_path / "ddp_run.py"
-    wrapper.write_text(DDP_WRAPPER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
-    out = tmp_path / "run"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
-           "--data", f"manifest={tmp_path / 'syn'}", "--out", str(out), "--steps", "2", "-B", "2", "-K", "2",
-           "--max-new-tokens", "6", "--lr", "1e-2", "--lora-rank", "4", "--lora-alpha", "8", "--save-every", "2",
-           "--threads", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len([ln for ln in (out / "log.jsonl").read_text().splitlines() if ln.strip()]) == 2  # rank 0 logs
-    assert grpo.checkpoints(out) == [2]
-    w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
-    init = load_file(str(out / "init0.safetensors"))
-    assert w0.keys() == w1.keys() and w0
-    for n in w0:
-        assert torch.equal(w0[n], w1[n]), f"{n} differs between ranks"
-    assert any(not torch.equal(w0[n], init[n]) for n in w0 if ".lora_B" in n)
-    # the ranks saw different rollouts, so only gradient averaging can have kept them equal
-    r0, r1 = json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text())
-    assert r0 != r1
-    saved = load_file(str(out / "checkpoint-2" / "adapter" / "adapter_model.safetensors"))
-    assert all(torch.equal(saved[f"base_model.model.{n}.weight"], w0[n]) for n in w0)
+    assert checkpoint.checkpoints(tmp_path) == [3, 6] and not (tmp_path / "checkpoint-6.tmp").exists()

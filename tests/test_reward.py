@@ -97,7 +97,9 @@ def test_mg_reward_matches_loop_reference():
 def test_hand_computed_values():
     # p = 1, p_hat = 1 (s=5 vs mu=1, sd sqrt(gamma)): sqrt(1 + eps) + sqrt(eps); mirrored for p = 0, p_hat = 0
     r = thurstone_fidelity(torch.tensor([[5.0], [1.0]], dtype=torch.float64), *preference_matrix([2.0, 1.0]))
-    assert r.tolist() == [[math.sqrt(1 + EPS) + math.sqrt(EPS)]] * 2
+    # tolerance: the two sides come from different kernels (torch's sqrt/erf against math's), which
+    # round differently on other CPUs; float64 leaves 1e-12 ample room
+    assert torch.allclose(r, torch.full((2, 1), math.sqrt(1 + EPS) + math.sqrt(EPS), dtype=torch.float64), rtol=0, atol=1e-12)
     assert abs(r[0, 0].item() - 1.0010005) < 1e-9
     # a tie at p_hat = 0.5: 2 sqrt(0.25 + eps)
     r = thurstone_fidelity(torch.tensor([[3.0], [3.0]], dtype=torch.float64), *preference_matrix([2.0, 2.0]))
