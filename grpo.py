@@ -165,6 +165,9 @@ def train(cfg, model, processor, sampler, images_of=None, ref_model=None, aux_lo
         scheduler.step()
         i += 1
         stats.update(step=i, dataset=batch["dataset"], lr=scheduler.get_last_lr()[0])
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # this step's peak, this rank's GPU
+            stats["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         if eval_fn is not None and cfg["eval_every"] and (i % cfg["eval_every"] == 0 or i == cfg["steps"]):
             if rank == 0:
                 with torch.no_grad(), precision(cfg, model):

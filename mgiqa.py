@@ -1,23 +1,15 @@
-"""MG-IQA scorer: the attribute-aware prompt, answer parsing, image and model loading, scoring.
+"""MG-IQA scorer: image and model loading, scoring, the command line. The prompt and the parser are
+prompt.py, the tiny offline model tiny.py (both re-exported here).
 
 One vision-language model looks at an image and, in one generation, reasons about sharpness,
 color fidelity, noise and composition, then writes a score for each and an overall score
-(SPEC section 1; MG-IQA, arXiv 2604.09704, built on VisualQuality-R1, arXiv 2505.14460).
+(docs/METHOD.md; MG-IQA, arXiv 2604.09704, built on VisualQuality-R1, arXiv 2505.14460).
 
     python mgiqa.py --model Qwen/Qwen2.5-VL-7B-Instruct photo.jpg other.png      # a real model
     python mgiqa.py --model tiny photo.jpg                                       # offline, untrained
     python mgiqa.py --model runs/demo/final photo.jpg --json                     # with the reasoning
 
-Departures (from the paper's abstract, which fixes none of these, and from VisualQuality-R1):
-1. The answer is one JSON object with five keys in a fixed order, fine to coarse, so that the
-   overall score is generated after, and conditioned on, the attribute scores (SPEC 1, ours).
-2. Lenient parsing keeps an unparseable score as NaN; VisualQuality-R1 draws a random score.
-   `clip=False` (used by the reward) also turns a number outside [1, 5] into NaN.
-3. The instruction comes before the image in the user turn (VisualQuality-R1 puts the image first),
-   so all prompts share one text prefix that training computes once per batch.
-4. `tiny_vlm` builds a randomly initialised Qwen2.5-VL with a tokenizer trained in-process, so
-   everything runs offline; its tokenizer splits digits and learns the prompt's phrases as merges
-   (a score is one token, an answer about 15), which a real Qwen tokenizer does not.
+Departures: see prompt.py (answer layout, parsing, prompt order) and tiny.py (its tokenizer).
 """
 from __future__ import annotations
 
@@ -25,141 +17,13 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
 
-ATTRIBUTES = ("sharpness", "color", "noise", "composition", "overall")
-
-ATTRIBUTE_DEFINITIONS = {
-    "sharpness": "how clear the edges and fine details are; 5 means crisp, 1 means heavily blurred.",
-    "color": "how natural and faithful the colors are; 5 means natural color, 1 means a strong cast or washed-out color.",
-    "noise": "how free the image is of noise and grain; 5 means no visible noise, 1 means heavy noise.",
-    "composition": "how well the subject is framed; 5 means a well-composed frame, 1 means the subject is badly placed or cut off.",
-}
-
-# The VisualQuality-R1 question for the overall score, kept verbatim (SPEC 1).
-OVERALL_QUESTION = (
-    "What is your overall rating on the quality of this picture? The rating should be a float "
-    "between 1 and 5, rounded to two decimal places, with 1 representing very poor quality and 5 "
-    "representing excellent quality."
-)
-EXAMPLE_ANSWER = '{"sharpness": 4.10, "color": 3.80, "noise": 4.50, "composition": 3.20, "overall": 3.90}'
-
-
-def build_prompt(thinking: bool = True) -> str:
-    lines = ["You are an expert in image quality assessment. Rate this picture on four attributes and overall."]
-    for name, definition in ATTRIBUTE_DEFINITIONS.items():
-        lines.append(f"- {name}: {definition}")
-    lines.append(OVERALL_QUESTION)
-    lines.append("Every score is a float between 1 and 5, rounded to two decimal places; higher is better for every key.")
-    if thinking:
-        lines.append("First reason briefly about each attribute and how they combine inside <think> </think> tags, "
-                     "then give the scores as one JSON object inside <answer> </answer> tags, keys in this order:")
-        lines.append(f"<think> ... </think><answer>{EXAMPLE_ANSWER}</answer>")
-    else:
-        lines.append("Give only the scores as one JSON object inside <answer> </answer> tags, keys in this order:")
-        lines.append(f"<answer>{EXAMPLE_ANSWER}</answer>")
-    return "\n".join(lines)
-
-
-def build_messages(thinking: bool = True) -> list[dict]:
-    """Chat messages with one image slot, in the Qwen-VL content layout."""
-    # The instruction before the image: every prompt then starts with the same tokens, which a
-    # trainer computes once per batch instead of once per image (rollouts.prefill).
-    return [{"role": "user", "content": [{"type": "text", "text": build_prompt(thinking)}, {"type": "image"}]}]
-
-
-# ----------------------------------------------------------------------------- parsing
-
-_STRICT_THINK = re.compile(r"<think>(.+?)</think>\s*<answer>(.+?)</answer>", re.DOTALL)
-_STRICT_FAST = re.compile(r"<answer>(.+?)</answer>", re.DOTALL)
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
-_FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_PAIR = {a: re.compile(r"[\"']?\b" + a + r"\b[\"']?\s*[:=]\s*[\"']?(" + _NUMBER + ")", re.IGNORECASE) for a in ATTRIBUTES}
-
-
-def _as_float(value) -> float:
-    if isinstance(value, bool):
-        return math.nan
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return math.nan
-    return math.nan
-
-
-def _strict(text: str, thinking: bool) -> dict[str, float] | None:
-    match = (_STRICT_THINK if thinking else _STRICT_FAST).fullmatch(text.strip())
-    if match is None:
-        return None
-    try:
-        obj = json.loads(match.group(2 if thinking else 1).strip())
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(obj, dict) or set(obj) != set(ATTRIBUTES):
-        return None
-    out = {}
-    for key in ATTRIBUTES:
-        value = obj[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value <= 5.0:
-            return None
-        out[key] = float(value)
-    return out
-
-
-def _last_json_object(block: str) -> dict | None:
-    """The last `{...}` span that parses as a JSON object (no nesting needed for our answers)."""
-    for match in reversed(list(re.finditer(r"\{[^{}]*\}", block))):
-        try:
-            obj = json.loads(match.group(0))
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
-
-
-def parse_answer(text: str, strict: bool = False, thinking: bool = True, clip: bool = True) -> dict[str, float] | None:
-    """Scores from a completion (SPEC 1).
-
-    strict: None unless the whole completion is exactly the requested layout with all five keys
-    in [1, 5]. Lenient: always a dict with the five keys, each a float in [1, 5] or NaN; never
-    raises. With clip=False, a value outside [1, 5] becomes NaN instead of being clipped.
-    """
-    if not isinstance(text, str):
-        return None if strict else {a: math.nan for a in ATTRIBUTES}
-    if strict:
-        return _strict(text, thinking)
-    blocks = _ANSWER_BLOCK.findall(text)
-    block = blocks[-1] if blocks and blocks[-1].strip() else text
-    block = _FENCE.sub(" ", block)
-    obj = _last_json_object(block)
-    scores = {}
-    for key in ATTRIBUTES:
-        value = math.nan
-        if obj is not None and key in obj:
-            value = _as_float(obj[key])
-        if math.isnan(value):
-            found = _PAIR[key].findall(block)
-            if found:
-                value = _as_float(found[-1])
-        if not math.isfinite(value):
-            value = math.nan
-        elif not 1.0 <= value <= 5.0:
-            value = min(max(value, 1.0), 5.0) if clip else math.nan
-        scores[key] = value
-    return scores
-
-
-def reasoning_text(text: str) -> str:
-    match = re.search(r"<think>(.*?)</think>", text or "", re.DOTALL)
-    return match.group(1).strip() if match else ""
+from prompt import (ATTRIBUTE_DEFINITIONS, ATTRIBUTES, EXAMPLE_ANSWER, OVERALL_QUESTION, build_messages,  # noqa: F401
+                    build_prompt, parse_answer, reasoning_text)
+from tiny import SIZES, tiny_tokenizer, tiny_vlm  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- images
@@ -210,116 +74,6 @@ def load_image(image):
         return image.convert("RGB")
     except (OSError, ValueError) as err:
         raise ImageLoadError(f"{name}: cannot convert image of mode {image.mode} to RGB ({err})") from None
-
-
-# ----------------------------------------------------------------------------- a tiny offline VLM
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
-
-# Qwen2-VL's chat template, reduced to what image+text messages need (same rendering).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-SIZES = {
-    # text: hidden, layers, heads, kv heads, mlp; vision: hidden, depth, heads, mlp; vocab
-    "tiny": dict(hidden=64, layers=2, heads=4, kv=2, mlp=128, v_hidden=32, v_depth=2, v_heads=2, v_mlp=64, vocab=768),
-    # the CPU demo's model (~0.7M parameters; the size PITFALLS' measured recipe learned with).
-    # rope_theta 4: with head_dim 24 and Qwen's [4, 4, 4] mrope sections, theta 10000 leaves the
-    # width section 0.0002-0.002 rad per image token, so the language model could not tell a subject
-    # in the left column from one in the centre; theta 4 gives it 0.28-0.40 (measured: DEMO_NOTES.md)
-    "demo": dict(hidden=96, layers=3, heads=4, kv=2, mlp=256, v_hidden=64, v_depth=3, v_heads=2, v_mlp=128, vocab=1024,
-                 rope_theta=4.0),
-    "small": dict(hidden=512, layers=8, heads=8, kv=4, mlp=1536, v_hidden=256, v_depth=4, v_heads=4, v_mlp=768, vocab=2048),
-}
-
-
-def _tokenizer_corpus(seed: int) -> list[str]:
-    """Text the in-process BPE learns from: the prompts, the answer layouts and some prose, so
-    the prompt's phrases become merges and prompts stay short."""
-    import random
-
-    rng = random.Random(seed)
-    words = ["blurry", "noisy", "dull", "offcentre", "clean", "sharp", "natural", "grain", "cast",
-             "subject", "frame", "edges", "detail", "the", "image", "is", "quality", "looks", "and", "good"]
-    scaffold = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
-    corpus = [build_prompt(True), build_prompt(False), scaffold] * 20
-    for _ in range(400):
-        values = [f"{rng.uniform(1, 5):.2f}" if rng.random() < 0.5 else str(rng.randint(1, 5)) for _ in ATTRIBUTES]
-        answer = "{" + ", ".join(f'"{a}": {v}' for a, v in zip(ATTRIBUTES, values)) + "}"
-        think = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
-        corpus.append(f"<think>{think}</think><answer>{answer}</answer>")
-        corpus.append(f"<answer>{answer}</answer>")
-    return corpus
-
-
-def tiny_tokenizer(vocab_size: int = 768, seed: int = 0):
-    """A byte-level BPE tokenizer trained in-process, with Qwen's special tokens; digits are
-    always single tokens (as Qwen2's pre-tokenizer does), so a score 1-5 is one token."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\d|<\|[a-z_]+\|>|</?think>|</?answer>"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_tokenizer_corpus(seed), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   padding_side="left", chat_template=CHAT_TEMPLATE,
-                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                                         "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
-
-
-def tiny_vlm(seed: int = 0, size: str = "tiny"):
-    """A randomly initialised Qwen2.5-VL built from a config, with its processor. No file or
-    network access; the same seed gives the same weights and tokenizer."""
-    import torch
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-
-    if size not in SIZES:
-        raise ValueError(f"tiny_vlm size must be one of {sorted(SIZES)}, got {size!r}")
-    s = SIZES[size]
-    tokenizer = tiny_tokenizer(s["vocab"], seed)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = s["hidden"] // s["heads"]
-    section = head_dim * 3 // 16  # mrope (t, h, w) sections sum to head_dim / 2, in Qwen's 16:24:24 proportion
-    text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=s["mlp"],
-                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                max_position_embeddings=4096, tie_word_embeddings=True,
-                rope_parameters={"rope_type": "default", "mrope_section": [head_dim // 2 - 2 * section, section, section], "rope_theta": s.get("rope_theta", 10000.0)},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=s["v_depth"], hidden_size=s["v_hidden"], intermediate_size=s["v_mlp"], num_heads=s["v_heads"],
-                  out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                  window_size=112, fullatt_block_indexes=[s["v_depth"] - 1])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"], bos_token_id=ids["<|endoftext|>"],
-                              eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]
-    # Small images stay small: 28x28-pixel units, from 56x56 up to 448x448.
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=448 * 448)
-    video_processor = Qwen2VLVideoProcessor()
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=video_processor, chat_template=CHAT_TEMPLATE)
-    return model, processor
 
 
 # ----------------------------------------------------------------------------- loading real checkpoints
@@ -538,6 +292,17 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
 
 # ----------------------------------------------------------------------------- command line
 
+def json_safe(obj):
+    """NaN and infinities -> None (null), recursively: what strict JSON readers (jq, browsers) accept."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score image quality (sharpness, color, noise, composition, overall) with a VLM.")
     parser.add_argument("images", nargs="+", help="image files")
@@ -576,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'image':40s} " + " ".join(f"{a:>11s}" for a in ATTRIBUTES) + "  parse")
     for (path, _), result in zip(good, results):
         result["image"] = path
-        if args.json:
-            print(json.dumps({k: v for k, v in result.items() if k != "completions"}))
+        if args.json:  # strict JSON: an unparsed score is null
+            print(json.dumps(json_safe({k: v for k, v in result.items() if k != "completions"})))
         else:
             print(f"{path[-40:]:40s} " + " ".join(f"{result[a]:11.2f}" for a in ATTRIBUTES)
                   + ("  strict" if result["strict"] else "  lenient"))

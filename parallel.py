@@ -63,6 +63,8 @@ def init(fsdp: bool = False) -> str | None:
     returns this rank's device, or None when there is no process group."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not fsdp:
         return None
+    if is_distributed():
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
         raise SystemExit("error: --fsdp runs under torchrun (torchrun --nproc_per_node N grpo.py ...; N may be 1)")
     cuda = torch.cuda.is_available()

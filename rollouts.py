@@ -276,7 +276,7 @@ def completion_hidden(model, p: Prompts, K, ids, mask, shared_prefix=True, featu
     graph, is expanded to the K rows; only completion positions reach the LM head."""
     from transformers import DynamicCache
 
-    B, Tc = p.input_ids.shape[0], ids.shape[1]
+    Tc = ids.shape[1]
     offsets = torch.arange(Tc, device=ids.device)
     if shared_prefix and torch.is_grad_enabled() and model.training and _prefix_cache_breaks_backward(model):
         # repeat the prompt rows instead, keeping one vision pass per image

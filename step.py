@@ -188,7 +188,14 @@ def grpo_step(cfg, policy, processor, batch, images, reward_fn=None, ref=None, a
     return {"reward": rewards["total"].mean().item(), "reward_attr": rewards["per_attribute"].mean((0, 1)).tolist(),
             "format": rewards["format"].mean().item(), "length": roll.mask.sum(1).float().mean().item(),
             "srcc": within_batch_srcc(rewards["scores"].cpu(), labels.cpu()) if labels is not None else [float("nan")] * len(ATTRIBUTES),
-            **stats, "gen_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2, "completions": roll.completions[:2]}
+            **stats, "gen_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2, "completions": roll.completions[:2],
+            "prompt_tokens": int(roll.prompts.input_ids.shape[1]), "image_tokens": image_tokens(model, roll.prompts)}
+
+
+def image_tokens(model, p: rollouts.Prompts) -> int:
+    """Image tokens of the batch's B prompts (patches / merge^2)."""
+    merge = getattr(model.config.vision_config, "spatial_merge_size", 2)
+    return int(p.image_grid_thw.prod(-1).sum()) // merge ** 2
 
 
 def within_batch_srcc(scores, labels) -> list[float]:

@@ -10,9 +10,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest

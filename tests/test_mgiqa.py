@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import mgiqa
+from tiny import SPECIAL_TOKENS
 from mgiqa import ATTRIBUTES, parse_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +195,7 @@ def test_tiny_vlm_is_deterministic_and_small(tiny):
     tok = processor.tokenizer
     for digit in "12345":
         assert tok.tokenize(f'"overall": {digit}')[-1] == digit
-    for special in mgiqa.SPECIAL_TOKENS:
+    for special in SPECIAL_TOKENS:
         assert tok.tokenize(special) == [special]
 
 

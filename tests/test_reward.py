@@ -56,7 +56,7 @@ def random_batch(rng, B, K):
 
 def answer(values, think=True):
     body = ", ".join(f'"{a}": {v:.2f}' for a, v in zip(ATTRIBUTES, values) if not math.isnan(v))
-    return (f"<think>looks fine</think>\n" if think else "") + f"<answer>{{{body}}}</answer>"
+    return ("<think>looks fine</think>\n" if think else "") + f"<answer>{{{body}}}</answer>"
 
 
 def expected_score(v):
