@@ -1,9 +1,15 @@
 """The CPU demo: a tiny VLM learns to assess image quality, attribute by attribute, with GRPO.
 
-    python grpo.py --demo --out runs/demo               # data, warm-up, GRPO, evaluation (~10 min, 2 cores)
-    python grpo.py --demo --ablation --out runs/demo    # overall-only reward from the same warm-up
+    python demo.py --out runs/demo                 # data, warm-up, GRPO, evaluation (~10 min, 2 cores)
+    python demo.py --ablation --out runs/demo      # overall-only reward from the same warm-up
 
-What it does (the recipe measured in ../shared/PITFALLS.md, third experiment):
+It writes OUT/summary.json, OUT/learning_curve.png, OUT/heldout.jsonl and OUT/report.html (the
+held-out images with their answers, report.py; report_ablation.html after --ablation), OUT/warmup
+and OUT/final: checkpoints whose processor is saved with the demo's image size as its pixel cap,
+so that mgiqa.load scales any photo to about 84 x 84 pixels and the answer keeps its layout. The
+scores mean something only on the demo's synthetic scenes (README: the GPU recipe for real photos).
+
+What it does (the recipe measured in DEMO_NOTES.md; docs/METHOD.md gives the method):
 1. Data: data.synthesize in "family" mode, shaped like KADID-10k: every scene has a clean version and
    one version per distortion family (blur, noise, desaturation, subject pushed off-centre) at a
    graded level; ground truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one,
@@ -11,7 +17,7 @@ What it does (the recipe measured in ../shared/PITFALLS.md, third experiment):
 2. Model: tiny_vlm(size="demo"), a 0.7M-parameter Qwen2.5-VL (the size the recipe learned with;
    a step of B=16 x K=8 rollouts costs about 0.6 s on two cores), with rope_theta 4 so that its
    language model can tell the image tokens' positions apart (composition needs it; mgiqa.SIZES).
-3. Warm-up, which never sees a quality label or level (what a pretrained VLM would bring):
+3. Warm-up (demo_warmup.py), which never sees a quality label or level (what a pretrained VLM would bring):
    a. perception: the vision tower and a probe (batch norm + linear) on its mean-pooled output learn
       the distortion FAMILY (clean / blurry / noisy / dull / offcentre); the probe is thrown away.
       Part of the patch embedding starts as random high-pass filters (init_filters: what a pretrained
@@ -34,28 +40,30 @@ all are grpo.py flags whose defaults keep VisualQuality-R1's behaviour.
 """
 from __future__ import annotations
 
+import argparse
+import base64
 import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import grpo
 import mgiqa
 import rollouts
+from demo_warmup import (FAMILIES, WORDS, family_aux_loss, init_filters, patchify, pooled_tokens, train_format,
+                         train_probe)
 from mgiqa import ATTRIBUTES
 
-FAMILIES = (None, "blur", "noise", "color", "composition")
-WORDS = ("clean", "blurry", "noisy", "dull", "offcentre")
 EXTRA = ("all_images", "overall_as_attribute", "family_accuracy")  # kept in summary.json beside the five SRCCs
+DEFAULT_OUT = "runs/demo"
 
 
 @dataclass
@@ -83,7 +91,7 @@ class DemoConfig:
     warmup_steps: int = 20          # without it, Adam's first full-size step wrecked the format (parse .70 -> .06)
     beta: float = 0.0               # no KL term: the reference's score digits are uniform by construction (0.05: seed 0 mean .873 vs .891, seed 1 .847 vs .856; 12% slower)
     gamma: float = 0.05
-    entropy_coef: float = 0.2       # seed 0, step 450: 0.5 (PITFALLS; aux 1.0) mean lower; 0.1 (aux 0.05) overall .791 vs .818
+    entropy_coef: float = 0.2       # seed 0, step 450: 0.5 (the recipe's; aux 1.0) mean lower; 0.1 (aux 0.05) overall .791 vs .818
     aux_weight: float = 0.05        # 1.0: its gradient (norm 1-6) outweighed the policy gradient (~.55) under clip 1, learning began ~75 steps later
     aux_batch: int = 16
     max_new_tokens: int = 20
@@ -104,6 +112,7 @@ class Demo:
         self.train = [r for r in records if r.split == "train"]
         self.heldout = [r for r in records if r.split != "train"]
         self.train_idx = self.indices(self.train)
+        self.heldout_images = {r.image: images[self.index[r.image]] for r in self.heldout}  # for report.html
         self.pixels, self.grid = patchify(images, processor.image_processor)  # (N, patches, C), (3,)
         log(f"data: {len(self.train)} train / {len(self.heldout)} held-out images of {cfg.image_size}px "
             f"in {time.perf_counter() - t:.1f}s")
@@ -132,156 +141,8 @@ class Demo:
                                 self.grid.expand(n, 3), t.shared, None if self.features is None else tuple(self.features[idx]))
 
 
-def patchify(images: np.ndarray, image_processor):
-    """uint8 (N, S, S, 3) -> Qwen2-VL patch rows (N, patches, C*2*14*14), as the image processor
-    makes them for a side that is a multiple of 28 (no resize), in one vectorised pass; checked
-    against the processor on the first images."""
-    N, H, W, C = images.shape
-    ps, tp, ms = image_processor.patch_size, image_processor.temporal_patch_size, image_processor.merge_size
-    mean = torch.tensor(image_processor.image_mean).view(1, C, 1, 1)
-    std = torch.tensor(image_processor.image_std).view(1, C, 1, 1)
-    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # (N, C, H, W)
-    gh, gw = H // ps, W // ps
-    x = x.unsqueeze(1).expand(N, tp, C, H, W).reshape(N, tp, C, gh // ms, ms, ps, gw // ms, ms, ps)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(N, gh * gw, C * tp * ps * ps)
-    ref = image_processor(images=list(images[:4]), return_tensors="pt")
-    if H % (ps * ms) or W % (ps * ms) or not torch.allclose(ref["pixel_values"].view(4, gh * gw, -1), x[:4], atol=1e-5):
-        raise ValueError("demo images must have a side that is a multiple of 28 and match the processor's patches")
-    return x.contiguous(), ref["image_grid_thw"][0]
-
-
-def answer_ids(processor, word: str) -> list[int]:
-    digits = ", ".join(f'"{a}": 3' for a in ATTRIBUTES)
-    return processor.tokenizer(f"<think>{word}</think><answer>{{{digits}}}</answer><|im_end|>").input_ids
-
-
-def init_filters(model, n: int, gain: float, seed: int) -> None:
-    """Start n rows of the patch embedding as random high-pass filters (a random pattern through a
-    discrete Laplacian), gain x the mean row norm. A pretrained ViT's patch embedding is largely edge
-    and texture filters; a random one is not, and the probe alone learns them slowly. Uses no data."""
-    w = model.model.visual.patch_embed.proj.weight  # (D, C, T, 14, 14)
-    r = torch.randn((n, *w.shape[1:]), generator=torch.Generator().manual_seed(seed))
-    r = 4 * r - r.roll(1, -1) - r.roll(-1, -1) - r.roll(1, -2) - r.roll(-1, -2)
-    with torch.no_grad():
-        w[:n] = r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1) * w.flatten(1).norm(dim=1).mean() * gain
-
-
-def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
-    """Vision tower + probe (batch norm, linear) on its mean-pooled output -> distortion family
-    (cross-entropy); the probe is discarded. Warm-up then cosine learning rate; the batch norm lets
-    the probe read the tower's small differences between images from the first step."""
-    vis = model.model.visual
-    D = model.config.text_config.hidden_size
-    head = nn.Sequential(nn.BatchNorm1d(D), nn.Linear(D, len(FAMILIES)))
-    opt = torch.optim.AdamW([{"params": list(vis.parameters()), "lr": cfg.probe_vision_lr},
-                             {"params": list(head.parameters()), "lr": cfg.probe_lr}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / cfg.probe_steps)))
-    train_idx, held = demo.train_idx, demo.indices(demo.heldout)
-    g = torch.Generator().manual_seed(cfg.seed)
-    t = time.perf_counter()
-    model.train()
-    for step in range(cfg.probe_steps):
-        idx = train_idx[torch.randint(len(train_idx), (cfg.probe_batch,), generator=g)]
-        loss = F.cross_entropy(head(pooled_features(model, demo, idx)), demo.family[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 250 == 0 or step + 1 == cfg.probe_steps:
-            head.eval()
-            with torch.no_grad():  # held-out images are only looked at, for the log
-                acc = (head(pooled_features(model, demo, held)).argmax(-1) == demo.family[held]).float().mean().item()
-            head.train()
-            log(f"probe step {step + 1}: loss {loss.item():.3f} held-out family accuracy {acc:.2f} ({time.perf_counter() - t:.0f}s)")
-
-
-def pooled_tokens(model, demo: Demo, idx) -> tuple:
-    """The vision tower's output tokens for images idx: one (tokens, D) tensor each."""
-    grid = demo.grid.expand(len(idx), 3)
-    return model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), grid, return_dict=True,
-                                          **vision_indices(model.model.visual, grid)).pooler_output
-
-
-_VISION_INDICES: dict = {}
-
-
-def vision_indices(visual, grid) -> dict:
-    """The tower's rotary positions, attention and window boundaries for images of one grid, as
-    precomputed `image_*` keyword arguments. transformers rebuilds them in Python on every call
-    (17% of a probe step); they are integers that depend on the grid alone, so same numbers."""
-    from transformers.utils.generic import get_max_seqlen
-    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
-
-    key = (visual.spatial_merge_size, visual.window_size, visual.patch_size, visual.config._attn_implementation,
-           tuple(grid.flatten().tolist()))  # everything the indices depend on (not id(visual): ids are reused)
-    if key not in _VISION_INDICES:
-        pos = get_vision_position_ids(grid, visual.spatial_merge_size)
-        cu, max_len = get_vision_attention_seqlens(grid, visual.config)
-        window, cu_window = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
-        _VISION_INDICES[key] = {"image_position_ids": pos, "image_cu_seqlens": cu, "image_max_seqlen": max_len,
-                                "image_window_index": window, "image_cu_window_seqlens": cu_window,
-                                "image_max_window_seqlen": get_max_seqlen(cu_window, visual.config, kwarg_name="max_window_seqlen")}
-    return _VISION_INDICES[key]
-
-
-def pooled_features(model, demo: Demo, idx):
-    return torch.stack(pooled_tokens(model, demo, idx)).mean(1)  # (n, D)
-
-
-def train_format(model, processor, demo: Demo, cfg: DemoConfig, log=print):
-    """Supervised answer layout: the family word as reasoning, UNIFORM targets at the score digits."""
-    tok = processor.tokenizer
-    digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(1, 6)])
-    seqs = torch.tensor([answer_ids(processor, w) for w in WORDS])  # (5 families, Tc)
-    is_digit = torch.isin(seqs[0], digit_ids)
-    word_pos = 1
-    for p in model.model.visual.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.format_lr)
-    train_idx = demo.train_idx
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    t = time.perf_counter()
-    model.train()
-    for step in range(cfg.format_steps):
-        idx = train_idx[torch.randint(len(train_idx), (cfg.format_batch,), generator=g)]
-        ids = seqs[demo.family[idx]].clone()  # (b, Tc)
-        # random digits as inputs at the score positions, so every continuation after a score is seen
-        ids[:, is_digit] = digit_ids[torch.randint(5, (len(idx), int(is_digit.sum())), generator=g)]
-        p = demo.prompts(model, processor, idx)
-        logits = model.lm_head(rollouts.completion_hidden(model, p, 1, ids, torch.ones_like(ids))).float()  # (b, Tc, V)
-        logp = logits.log_softmax(-1)
-        nll = -logp.gather(2, ids[..., None]).squeeze(-1)  # (b, Tc)
-        uniform = -logp[:, is_digit][..., digit_ids].mean(-1)  # cross-entropy against uniform over 1-5
-        fmt = nll[:, ~is_digit]
-        loss = fmt.mean() + 2.0 * nll[:, word_pos].mean() + uniform.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % 200 == 0:
-            log(f"format step {step + 1}: loss {loss.item():.3f} ({time.perf_counter() - t:.0f}s)")
-    for p in model.parameters():
-        p.requires_grad_(True)
-
-
-def family_aux_loss(processor, demo: Demo, cfg: DemoConfig):
-    """Auxiliary perception loss during GRPO: name the family of other training images (no levels)."""
-    tok = processor.tokenizer
-    think = tok.convert_tokens_to_ids("<think>")
-    words = torch.tensor([answer_ids(processor, w)[1] for w in WORDS])
-    train_idx = demo.train_idx
-
-    def loss(model):
-        idx = train_idx[torch.randint(len(train_idx), (cfg.aux_batch,))]
-        ids = torch.stack([torch.full((len(idx),), think), words[demo.family[idx]]], 1)  # (b, 2)
-        p = demo.prompts(model, processor, idx)
-        hidden = rollouts.completion_hidden(model, p, 1, ids, torch.ones_like(ids))
-        return cfg.aux_weight * F.cross_entropy(model.lm_head(hidden[:, 1]).float(), ids[:, 1])
-    return loss
-
-
-def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
-    """Greedy answers on the held-out images -> heldout_srcc, family word accuracy, parse rate."""
+def heldout_answers(model, processor, demo: Demo, cfg: DemoConfig) -> list[str]:
+    """Greedy answers on the held-out images, in demo.heldout order."""
     model.eval()
     idx = demo.indices(demo.heldout)
     eos, banned, pad = mgiqa.eos_ids(model, processor), mgiqa.banned_token_ids(processor), processor.tokenizer.pad_token_id
@@ -290,6 +151,13 @@ def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
         p = demo.prompts(model, processor, idx[s:s + 120])
         ids = rollouts.rollout(model, p, 1, cfg.max_new_tokens, eos, pad, banned, temperature=0.0)
         texts += mgiqa.decode_completions(processor, ids, eos)
+    return texts
+
+
+def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig, texts: list[str] | None = None) -> dict:
+    """Greedy answers on the held-out images (or texts, those answers) -> heldout_srcc, family word
+    accuracy, parse rate."""
+    texts = heldout_answers(model, processor, demo, cfg) if texts is None else texts
     pred = np.array([[mgiqa.parse_answer(t)[a] for a in ATTRIBUTES] for t in texts])  # (N, A)
     recs = demo.heldout
     out = heldout_srcc(pred, recs)
@@ -386,14 +254,44 @@ def plot_curve(curves: dict, path: Path) -> None:
     img.save(path)
 
 
+def fit_processor(processor, side: int) -> None:
+    """The image size the model learns on, kept with its processor: min and max pixels both side^2,
+    so that a checkpoint scales any photo to about side x side pixels (Qwen2-VL keeps the aspect
+    ratio, in 28-pixel units: 720 x 477 -> 84 x 56) and its answer keeps the learned layout."""
+    processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
+
+
+def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: str) -> None:
+    """OUT/heldout[_NAME].jsonl (evaluate.py's rows) and OUT/report[_NAME].html for the held-out images."""
+    import evaluate
+    import report
+
+    rows = [evaluate.result_row(r, {**mgiqa.parse_answer(t), "strict": mgiqa.parse_answer(t, strict=True) is not None,
+                                    "completion": t}, True) for r, t in zip(demo.heldout, texts)]
+    suffix = "" if name == "final" else f"_{name}"
+    with open(out / f"heldout{suffix}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(report.dumps(row) + "\n" for row in rows)
+    curve = out / "learning_curve.png"
+    extra = f'<h2>Learning curve</h2><img alt="held-out SRCC against GRPO step" src="data:image/png;base64,' \
+            f'{base64.b64encode(curve.read_bytes()).decode()}">' if curve.is_file() else ""
+    report.write_report(out / f"report{suffix}.html", rows, demo.heldout, evaluate.summarize(rows, demo.heldout), title,
+                        subtitle=f"{len(rows)} held-out images of {demo.heldout_images[rows[0]['image']].shape[0]} px, "
+                                 f"scenes disjoint from training; greedy answers of the {name} checkpoint",
+                        note="The CPU demo's 0.7M-parameter model, trained on synthetic scenes: its scores mean "
+                             "something only on such scenes. For real photos see the README's GPU recipe.",
+                        images=demo.heldout_images, appendix=extra)
+
+
 def main(args) -> int:
-    out = Path(args.out if args.out != grpo.DEFAULTS["out"] else "runs/demo")
+    """args: out, seed, ablation, threads (the command line's, or an argparse.Namespace with them)."""
+    import report
+
+    out = Path(getattr(args, "out", None) or DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig(seed=args.seed)
     for key, value in json.loads(os.environ.get("MGIQA_DEMO", "{}")).items():
         setattr(cfg, key, type(getattr(cfg, key))(value))  # reduced variants (the CI test) override fields
-    if args.threads is None:
-        torch.set_num_threads(2)
+    torch.set_num_threads(getattr(args, "threads", None) or 2)
     log_file = open(out / "demo.log", "a")
 
     def log(msg):
@@ -403,20 +301,22 @@ def main(args) -> int:
 
     t0 = time.perf_counter()
     summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = report.nan_for_null(json.loads(summary_path.read_text())) if summary_path.is_file() else {}
     torch.manual_seed(cfg.seed)
     model, processor = mgiqa.tiny_vlm(cfg.seed, "demo")
+    fit_processor(processor, cfg.image_size)
     rollouts.fast_vision(model)
     demo = Demo(cfg, processor, log)
     warm_dir = out / "warmup"
     if args.ablation:
         if not (warm_dir / "config.json").is_file():
-            raise SystemExit(f"error: {warm_dir} has no warm-up checkpoint; run `python grpo.py --demo --out {out}` first")
+            raise SystemExit(f"error: {warm_dir} has no warm-up checkpoint; run `python demo.py --out {out}` first")
         model, processor = mgiqa.load(str(warm_dir), device="cpu")
         rollouts.fast_vision(model)
         demo.cache_features(model)
         curve = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
-        result = evaluate_heldout(model, processor, demo, cfg)
+        texts = heldout_answers(model, processor, demo, cfg)
+        result = evaluate_heldout(model, processor, demo, cfg, texts)
         summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {k: result[k] for k in EXTRA}
         summary["ablation_seconds"] = time.perf_counter() - t0
         summary.setdefault("curves", {})["ablation"] = curve
@@ -433,13 +333,16 @@ def main(args) -> int:
         curve += run_grpo(model, processor, demo, cfg, out / "grpo-run", ablation=False, log=log)
         model.save_pretrained(out / "final")
         processor.save_pretrained(out / "final")
-        final = evaluate_heldout(model, processor, demo, cfg)
+        texts = heldout_answers(model, processor, demo, cfg)
+        final = evaluate_heldout(model, processor, demo, cfg, texts)
         summary.update({"seconds": time.perf_counter() - t0, "config": asdict(cfg),
                         "warmup": {a: warm[a] for a in ATTRIBUTES} | {k: warm[k] for k in EXTRA},
                         "final": {a: final[a] for a in ATTRIBUTES} | {k: final[k] for k in EXTRA}})
         summary.setdefault("curves", {})["final"] = curve
-    summary_path.write_text(json.dumps(summary, indent=2))
+    report.write_json(summary_path, summary, indent=2)
     plot_curve(summary.get("curves", {}), out / "learning_curve.png")
+    name = "ablation" if args.ablation else "final"
+    heldout_report(out, texts, demo, name, f"MG-IQA demo, seed {cfg.seed}: held-out synthetic scenes, {name} checkpoint")
     print_table(summary, log)
     return 0
 
@@ -457,3 +360,17 @@ def print_table(summary: dict, log=print) -> None:
             if name in summary and key in summary[name]:
                 m = summary[name][key]
                 log(f"{name + f' ({tag})':14s} " + " ".join(f"{m.get(a, float('nan')):11.3f}" for a in ATTRIBUTES[:-1]))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="The CPU demo: synthetic data, warm-up, GRPO, held-out evaluation and report.")
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data draw (default 0)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="overall-only reward, one advantage per completion, from OUT/warmup (run without it first)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -57,8 +57,6 @@ __all__ = ["FAMILY_TO_ATTRIBUTE", "LABELLED", "METRICS", "SUITE", "attribute_src
            "logistic4", "markdown_table", "match", "metrics", "plcc", "rankdata", "read_rows", "result_row",
            "scatter_plots", "select_split", "srcc", "summarize"]
 
-DEFAULT_MAX_PIXELS = getattr(mgiqa, "DEFAULT_MAX_PIXELS", 1280 * 28 * 28)  # 1,003,520; mgiqa.py's when it has one
-
 SUITE = (  # (dataset reader, folder under --data-root, split: "official" test, "reference-disjoint" test, or all)
     ("koniq", "koniq10k", "official"), ("spaq", "spaq", None), ("livec", "livec", None), ("bid", "bid", None),
     ("kadid", "kadid10k", "reference-disjoint"), ("csiq", "csiq", None), ("tid2013", "tid2013", None),
@@ -271,9 +269,9 @@ def parse_args(argv=None):
     g.add_argument("--fast", action="store_true", help="answer only, no reasoning (non-thinking prompt)")
     g.add_argument("--batch-size", type=int, default=8, help="images per generate call; rows are flushed per batch")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: mgiqa.score's (256 thinking, 64 fast)")
-    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"pixel cap for the processor (default {DEFAULT_MAX_PIXELS:,} = 1280*28*28, "
-                        "mgiqa.DEFAULT_MAX_PIXELS); a checkpoint saved with a smaller cap keeps its own")
+    g.add_argument("--max-pixels", type=int, default=mgiqa.DEFAULT_MAX_PIXELS,
+                   help=f"pixel cap for the processor (default mgiqa.DEFAULT_MAX_PIXELS = {mgiqa.DEFAULT_MAX_PIXELS:,} "
+                        "= 1280*28*28); a checkpoint saved with a smaller cap keeps its own")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=[], metavar="NAME=ROOT[,FILE][,KEY=VALUE]",
@@ -367,10 +365,14 @@ def main(argv: list[str] | None = None) -> int:
                   "(left out of the metrics, counted)")
     print(scatter_plots(rows, args.out))
     if args.report:
+        try:  # the cap in force: the checkpoint's own where it is smaller (mgiqa.cap_pixels)
+            cap = f"pixel cap {int(processor.image_processor.size['longest_edge']):,}"
+        except (AttributeError, KeyError, TypeError):
+            cap = f"--max-pixels {args.max_pixels:,}"
         path = report.write_report(
             os.path.join(args.out, "report.html"), rows, records, summary, f"MG-IQA evaluation: {args.model}",
             subtitle=f"adapter {args.adapter or 'none'} · {'reasoning' if not args.fast else 'answer only'} · "
-                     f"split {args.split or 'as given'} · pixel cap {args.max_pixels:,}",
+                     f"split {args.split or 'as given'} · {cap}",
             note="an untrained random model: its scores are noise" if args.model in mgiqa.SIZES else "",
             max_images=args.report_images)
         print(f"wrote {path}")

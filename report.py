@@ -75,7 +75,7 @@ def nan_for_null(obj):
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;background:#f4f5f7;margin:0}
-main{max-width:1280px;margin:0 auto;padding:20px 28px 60px}
+main{max-width:1280px;margin:0 auto;padding:20px 28px 60px}.scroll{overflow-x:auto}
 h1{font-size:24px;margin:4px 0 2px}h2{font-size:19px;margin:34px 0 8px;border-bottom:2px solid #d7dbe3;padding-bottom:4px}
 .sub{color:#566074;margin:0 0 10px}.note{background:#fff6dc;border:1px solid #ecd27a;border-radius:6px;padding:8px 12px;margin:10px 0}
 table{border-collapse:collapse;background:#fff;margin:8px 0;font-variant-numeric:tabular-nums}
@@ -141,10 +141,19 @@ def gt_scale(values) -> tuple[float, float]:
     return float(v.min()), float(v.max()) if v.max() > v.min() else float(v.min()) + 1.0
 
 
-def scatter_svg(pred, gt, title: str, width: int = 250, height: int = 220) -> str:
+def ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    """Round numbers (1, 2, 2.5 or 5 times a power of ten apart) inside [lo, hi], about n of them."""
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * 0.999)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + k * step, 10) for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def scatter_svg(pred, gt, title: str, width: int = 226, height: int = 210) -> str:
     """Predicted (y, 1-5) against ground truth (x, its own range) as an inline SVG; discrete values
     are jittered by a fixed pattern so that coincident points show their count."""
-    x, y, n_nan = metrics.finite_pairs(pred, gt)
+    y, x, n_nan = metrics.finite_pairs(pred, gt)  # y: predicted, x: ground truth
     left, right, top, bottom = 40, 10, 26, 34
     pw, ph = width - left - right, height - top - bottom
     lo, hi = (float(x.min()), float(x.max())) if x.size else (1.0, 5.0)
@@ -161,9 +170,10 @@ def scatter_svg(pred, gt, title: str, width: int = 250, height: int = 220) -> st
         yy = top + ph - (s - 0.6) / 4.8 * ph
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eef0f4"/>'
                      f'<text x="{left - 6}" y="{yy + 4:.1f}" font-size="10" text-anchor="end">{s}</text>')
-    for t in np.linspace(lo + 0.04 * (hi - lo) / 1.08, hi - 0.04 * (hi - lo) / 1.08, 4):
+    for t in ticks(lo, hi):
         xx = left + (t - lo) / (hi - lo) * pw
-        parts.append(f'<text x="{xx:.1f}" y="{top + ph + 13}" font-size="10" text-anchor="middle">{t:.3g}</text>')
+        parts.append(f'<line x1="{xx:.1f}" x2="{xx:.1f}" y1="{top + ph}" y2="{top + ph + 3}" stroke="#8a93a3"/>'
+                     f'<text x="{xx:.1f}" y="{top + ph + 13}" font-size="10" text-anchor="middle">{t:.4g}</text>')
     parts.append(f'<text x="{left + pw / 2}" y="{height - 4}" font-size="10" text-anchor="middle">ground truth'
                  f'{f" ({n_nan} unparsed left out)" if n_nan else ""}</text><text x="11" y="{top + ph / 2}" '
                  f'font-size="10" text-anchor="middle" transform="rotate(-90 11 {top + ph / 2})">predicted</text>')
@@ -176,9 +186,10 @@ def _table(summary_entry: dict) -> str:
     head = "<tr><th>attribute</th><th>SRCC</th><th>KRCC</th><th>PLCC</th><th>PLCC raw</th><th>n</th><th>unparsed</th>" + \
            ("<th>SRCC within family</th>" if within else "") + "</tr>"
     body = [f"<tr><td>{a}</td>" + "".join(f"<td>{_num(m[k])}</td>" for k in ("srcc", "krcc", "plcc", "plcc_raw")) +
-            f"<td>{m['n']}</td><td>{m['n_nan']}</td>" + (f"<td>{_num(within.get(a))}</td>" if within else "") + "</tr>"
+            f"<td>{m['n']}</td><td>{m['n_nan']}</td>" + (f"<td>{_num(within[a]) if a in within else '-'}</td>" if within else "")
+            + "</tr>"
             for a, m in summary_entry["metrics"].items()]
-    return f"<table>{head}{''.join(body)}</table>"
+    return f"<div class=scroll><table>{head}{''.join(body)}</table></div>"
 
 
 def _overview(summary: dict) -> str:
@@ -189,7 +200,7 @@ def _overview(summary: dict) -> str:
         cells = "".join(f"<td>{_num(d['metrics'][a]['srcc']) if a in d['metrics'] else '-'}</td>" for a in columns)
         body.append(f'<tr><td><a href="#{_anchor(name)}">{_esc(name)}</a></td><td>{d["n"]}</td>'
                     f'<td>{d["parse_failures"]}</td>{cells}</tr>')
-    return f"<table>{head}{''.join(body)}</table>"
+    return f"<div class=scroll><table>{head}{''.join(body)}</table></div>"
 
 
 def _anchor(name: str) -> str:
@@ -231,7 +242,7 @@ def card(i: int, row: dict, rec, scales: dict, err: float, rank_p: float, rank_m
     if not parsed:
         rank = "no parsable overall score"
     elif math.isfinite(err):
-        rank = f"rank {rank_p:g} predicted, {rank_m:g} by MOS, of {n_ranked} (1 = best): off by {err:.0%}"
+        rank = f"rank {rank_p:g} of {n_ranked} predicted, {rank_m:g} by MOS (1 = best) · <b>off by {err:.0%}</b>"
     else:
         rank = "no MOS"
     why = reasoning_text(row.get("completion", "")) or "(no reasoning given)"
@@ -269,10 +280,10 @@ def dataset_section(name: str, rows: list[dict], recs: list, entry: dict, images
 
 
 def html_report(rows, records, summary, title: str, subtitle: str = "", note: str = "", images=None,
-                max_images: int | None = None, extra_html: str = "") -> str:
+                max_images: int | None = None, appendix: str = "") -> str:
     """The page as a string. rows: evaluate.py's result rows; records: theirs (metrics.match);
     summary: evaluate.summarize's; images: optional {row image: array or PIL image} for images
-    held in memory (the demo's)."""
+    held in memory (the demo's); appendix: HTML placed after the datasets."""
     recs = metrics.match(rows, records)
     sections = []
     for name in summary["datasets"]:
@@ -282,7 +293,7 @@ def html_report(rows, records, summary, title: str, subtitle: str = "", note: st
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width,initial-scale=1"><title>{_esc(title)}</title><style>{CSS}</style></head>'
             f'<body><main><h1>{_esc(title)}</h1><p class="sub">{_esc(subtitle)}</p>'
-            f'{f"<p class=note>{_esc(note)}</p>" if note else ""}{_overview(summary)}{extra_html}{"".join(sections)}'
+            f'{f"<p class=note>{_esc(note)}</p>" if note else ""}{_overview(summary)}{"".join(sections)}{appendix}'
             f"</main><script>{SORT_JS}</script></body></html>\n")
 
 

@@ -1,7 +1,8 @@
 """The demo, reduced: a few minutes on 2 cores, fixed seed and threads, deterministic.
 
 GRPO must raise the held-out SRCC above the warm-up checkpoint's; the warm-up never sees a label.
-The full demo (`python grpo.py --demo`) is the README's first command; this is its smoke version."""
+The full demo (`python demo.py`) is the README's first command; this is its smoke version. A tiny
+variant (seconds) checks what every run writes: strict JSON, report.html, the sized checkpoint."""
 import json
 import math
 import os
@@ -13,7 +14,10 @@ import pytest
 
 import data
 import demo
+import demo_warmup
 import mgiqa
+import report
+from test_report import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The full warm-up (perception needs it: with 6,000 images and 600 probe steps, family accuracy .73,
@@ -22,19 +26,82 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDUCED = {"grpo_steps": 250, "eval_every": 125}
 
 
-def test_reduced_demo_grpo_beats_warmup(tmp_path):
-    out = tmp_path / "demo"
-    env = {**os.environ, "MGIQA_DEMO": json.dumps(REDUCED), "OMP_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--demo", "--out", str(out), "--threads", "2"],
+def run_demo(out, overrides, *flags):
+    env = {**os.environ, "MGIQA_DEMO": json.dumps(overrides), "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out), "--threads", "2", *flags],
                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+
+
+def check_outputs(out, n_heldout):
+    """What every demo run must leave: strict JSON everywhere (the demo's own files, grpo.train's
+    log.jsonl and config.json, the checkpoints'), a self-contained report of the held-out images
+    whose scores are those of heldout.jsonl, and checkpoints saved with the demo's image size."""
+    files = strict_json_files(out)
+    assert {"summary.json", "heldout.jsonl", os.path.join("grpo-run", "log.jsonl"), os.path.join("grpo-run", "config.json"),
+            os.path.join("final", "config.json")} <= set(files), files
+    rows = [report.nan_for_null(json.loads(line)) for line in open(out / "heldout.jsonl")]
+    assert len(rows) == n_heldout
+    p = parse_report((out / "report.html").read_text(encoding="utf-8"))
+    assert_self_contained(p)
+    assert_cards_match_rows(p, rows)
+    summary = report.nan_for_null(json.loads((out / "summary.json").read_text()))
+    assert set(summary["final"]) >= set(mgiqa.ATTRIBUTES) and summary["config"]["image_size"] == 84
+    for ckpt in ("warmup", "final"):
+        size = json.loads((out / ckpt / "processor_config.json").read_text())["image_processor"]["size"]
+        assert size == {"longest_edge": 84 * 84, "shortest_edge": 84 * 84}, (ckpt, size)
+    return summary
+
+
+def photo(path, size=(720, 477)):
+    """A photo-sized image (smooth colour gradients and a disc), not one of the demo's scenes."""
+    from PIL import Image, ImageDraw
+    x, y = np.meshgrid(np.linspace(0, 1, size[0]), np.linspace(0, 1, size[1]))
+    im = Image.fromarray((np.stack([x, y, 1 - x * y], -1) * 255).astype(np.uint8))
+    ImageDraw.Draw(im).ellipse([300, 150, 460, 330], fill=(200, 60, 40))
+    im.save(path)
+    return str(path)
+
+
+def test_tiny_demo_writes_strict_json_report_and_sized_checkpoint(tmp_path):
+    tiny = {"n_train": 300, "n_heldout": 40, "probe_steps": 20, "format_steps": 20, "grpo_steps": 4, "eval_every": 2,
+            "batch_size": 4, "num_generations": 4, "aux_batch": 4}
+    run_demo(tmp_path / "demo", tiny)
+    summary = check_outputs(tmp_path / "demo", 40)
+    assert summary["config"]["grpo_steps"] == 4 and math.isnan(summary["final"]["overall"])  # NaN came back from null
+    run_demo(tmp_path / "demo", tiny, "--ablation")
+    assert strict_json_files(tmp_path / "demo") and (tmp_path / "demo" / "report_ablation.html").is_file()
+    assert "ablation" in json.loads((tmp_path / "demo" / "summary.json").read_text())
+    # any photo is scaled to about the demo's image size (720 x 477 -> 84 x 56), whatever mgiqa.load's own cap
+    _, processor = mgiqa.load(str(tmp_path / "demo" / "final"), device="cpu")
+    from PIL import Image
+    grid = processor.image_processor(images=[Image.open(photo(tmp_path / "p.png"))], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 6]]  # 56 x 84 pixels in 14-pixel patches
+
+
+def test_command_line_has_help_on_every_flag():
+    args = demo.parse_args([])
+    assert (args.out, args.seed, args.ablation, args.threads) == ("runs/demo", 0, False, None)
+    help_text = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--help"], capture_output=True, text=True,
+                               cwd=ROOT).stdout
+    for flag in ("--out", "--seed", "--ablation", "--threads"):
+        assert flag in help_text
+    assert help_text.count("(default") >= 3
+
+
+def test_reduced_demo_grpo_beats_warmup(tmp_path):
+    out = tmp_path / "demo"
+    run_demo(out, REDUCED)
+    summary = check_outputs(out, 240)
     warm, final = summary["warmup"], summary["final"]
     print("warm-up", warm, "final", final)
     assert demo.attribute_mean(final) > demo.attribute_mean(warm) + 0.05, (warm, final)  # a constant answer (NaN SRCC) counts as 0
     assert (out / "learning_curve.png").is_file() and (out / "final" / "config.json").is_file()
     model, processor = mgiqa.load(str(out / "final"), device="cpu")  # the final checkpoint opens as a plain model
     assert model.config.model_type == "qwen2_5_vl"
+    # a 720 x 477 photo is scaled to the size the model learned on, so the answer keeps its layout
+    results = mgiqa.score(model, processor, [photo(tmp_path / "photo.png")], max_new_tokens=20)
+    assert all(math.isfinite(results[0][a]) for a in mgiqa.ATTRIBUTES), results[0]["completion"]
 
 
 def test_heldout_srcc_within_family_all_images_and_overall_in_place():
@@ -61,7 +128,7 @@ def test_heldout_srcc_within_family_all_images_and_overall_in_place():
 
 
 def test_precomputed_vision_indices_give_the_same_features():
-    """demo.pooled_tokens hands the tower its position and window indices, computed once per grid;
+    """demo_warmup.pooled_tokens hands the tower its position and window indices, computed once per grid;
     the output must equal transformers' own path bit for bit (two grids, two batch sizes)."""
     import torch
 
@@ -74,6 +141,6 @@ def test_precomputed_vision_indices_give_the_same_features():
         flat = pixels.reshape(-1, pixels.shape[-1])
         with torch.no_grad():
             plain = model.model.get_image_features(flat, grids, return_dict=True).pooler_output
-            fast = model.model.get_image_features(flat, grids, return_dict=True, **demo.vision_indices(visual, grids)).pooler_output
+            fast = model.model.get_image_features(flat, grids, return_dict=True, **demo_warmup.vision_indices(visual, grids)).pooler_output
         assert len(fast) == n and all(torch.equal(a, b) for a, b in zip(plain, fast))
-        assert demo.vision_indices(visual, grids) is demo.vision_indices(visual, grids.clone())  # cached by grid
+        assert demo_warmup.vision_indices(visual, grids) is demo_warmup.vision_indices(visual, grids.clone())  # cached by grid

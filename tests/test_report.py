@@ -167,3 +167,14 @@ def test_report_from_images_in_memory_and_ground_truth_ticks(tmp_path):
     assert p.svgs == 5
     assert report.gt_scale([1.0, 2.5, 5.0]) == (1.0, 5.0) and report.gt_scale([10.0, 90.0]) == (10.0, 90.0)
     assert 'left:40.0%" title="ground truth 2"' in open(path).read()  # labels already on 1-5: 2 sits at 2/5 of the track
+
+
+def test_scatter_ground_truth_across_prediction_up():
+    import re
+    svg = report.scatter_svg([1, 2, 3, 4, 5], [10.0, 20.0, 30.0, 40.0, 50.0], "t")
+    points = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', svg)]
+    assert len(points) == 5
+    assert [x for x, _ in points] == sorted(x for x, _ in points)  # ground truth grows to the right
+    assert [y for _, y in points] == sorted((y for _, y in points), reverse=True)  # prediction grows upwards
+    assert report.ticks(0.84, 5.16) == [1, 2, 3, 4, 5] and report.ticks(1.8, 93.2) == [20, 40, 60, 80]
+    assert "2 unparsed left out" in report.scatter_svg([1, NAN, NAN], [1.0, 2.0, 3.0], "t")
