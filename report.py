@@ -1,6 +1,6 @@
 """What a run leaves for people and programs: strict JSON, and a one-file HTML report.
 
-    report.write_json(path, obj)       # NaN and infinities written as null: every strict reader parses it
+    report.write_json(path, obj)       # NaN and infinities written as null (mgiqa.json_safe): strict JSON
     report.dumps(obj)                  # one JSON line, the same rule
     report.nan_for_null(obj)           # read back: null -> NaN, so the values round-trip
     report.write_report(path, rows, records, summary, title)   # report.html
@@ -25,27 +25,22 @@ import os
 import numpy as np
 
 import metrics
-from mgiqa import ATTRIBUTES, load_image, reasoning_text
+from mgiqa import ATTRIBUTES, json_safe, load_image, reasoning_text
 from records import LABELLED
 
 # ----------------------------------------------------------------------------- strict JSON
 
-
-def json_safe(obj):
-    """NaN and infinities -> None, numpy scalars and arrays -> Python, tuples -> lists (recursively)."""
+def _numpy(obj):
+    """numpy scalars and arrays, which json cannot encode, as Python values (NaN -> None)."""
     if isinstance(obj, (np.generic, np.ndarray)):
-        obj = obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+        return json_safe(obj.tolist())
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def dumps(obj, **kwargs) -> str:
-    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+    """json.dumps with NaN and infinities as null (mgiqa.json_safe, the project's one rule), numpy
+    values as Python ones; allow_nan=False, so nothing non-strict can slip through."""
+    return json.dumps(json_safe(obj), allow_nan=False, default=_numpy, **kwargs)
 
 
 def write_json(path, obj, indent: int | None = 1) -> None:
