@@ -37,7 +37,7 @@ import numpy as np
 
 from mgiqa import ATTRIBUTES
 from readers import (CSIQ_TYPES, DIRECTION, KADID_FAMILIES, LIVE_FOLDERS, PYIQA_FILES, READERS,
-                     TID2013_FAMILIES, _load, load_dataset, parse_spec)
+                     TID2013_FAMILIES, _load, load_dataset, parse_spec, pyiqa_direction)
 from records import FAMILY_TO_ATTRIBUTE, LABELLED, Record
 from synth import LEVELS, SYNTH_FAMILIES, contact_sheet, ladder, make_synthetic, synthesize
 from annotation_files import table
@@ -221,11 +221,16 @@ def summary(name: str, root: str, **opts) -> str:
     meta = {FAMILY_TO_ATTRIBUTE.get(r.family) for r in found if r.level is not None}
     by_ref = bool(found) and found[0].domain == "synthetic" and all(r.ref for r in found)
     made = "a reference-disjoint 60/20/20" if by_ref else "a seeded 80/20"
+    direction = DIRECTION.get(name, "higher is better")
+    if name == "pyiqa":  # the file's own direction
+        lower, top = pyiqa_direction(root if os.path.isfile(root) else os.path.join(root, opts.get("file", "")), opts)
+        direction = f"lower-is-better score flipped: mos = {top:g} - score" if lower == "lower" else "higher is better, as given"
+        name = f"pyiqa {found[0].dataset}" if found else name
     return (f"{name}: {len(found)} images ({len(missing)} listed but missing on disk)\n"
             f"  splits: {', '.join(f'{k} {v}' for k, v in splits.items() if v)}"
             f"{f' (none official: split_records makes {made})' if splits['all'] else ''}\n"
             f"  MOS {min(mos, default=math.nan):.3f} .. {max(mos, default=math.nan):.3f}, "
-            f"{DIRECTION.get(name, 'higher is better')}\n"
+            f"{direction}\n"
             f"  labels: overall (MOS); attributes {attrs or 'none'}; from metadata "
             f"{[a for a in LABELLED if a in meta] or 'none'}")
 

@@ -254,13 +254,26 @@ PYIQA_COLUMNS = {"image": ("img_name", "image name", "image_name", "image", "nam
                  "ref": ("ref_name", "hq_name"), "score": ("mos", "dmos", "elo_score", "mos_zscore", "score")}
 
 
+def _pyiqa_name(path: str) -> str:
+    return re.sub(r"^meta_info_|Dataset$", "", os.path.splitext(os.path.basename(path))[0])
+
+
+def pyiqa_direction(path: str, opts: dict) -> tuple[str, float]:
+    """(higher | lower, TOP) of a pyiqa file: the direction= option, else the published file's
+    (PYIQA_FILES), else higher; a lower-is-better score becomes mos = TOP - score."""
+    published = PYIQA_FILES.get(_pyiqa_name(path))
+    direction = opts.get("direction") or (published[0] if published else "higher")
+    if direction not in ("higher", "lower"):
+        raise ValueError(f"pyiqa: direction must be higher or lower, got {direction!r}")
+    return direction, (published[1] if published else None) or 0.0
+
+
 def _pyiqa(fs, opts):
     path = opts["csv"]
     rows = [(r, [str(c).strip() for c in row]) for r, row in enumerate(sheet_rows(path), start=1) if row and any(row)]
     if not rows:
         raise ValueError(f"{path}: row 1: empty file, expected img_name,mos,... or ref_name,dist_name,mos,...")
-    name = re.sub(r"^meta_info_|Dataset$", "", os.path.splitext(os.path.basename(path))[0])
-    published = PYIQA_FILES.get(name)
+    name, published = _pyiqa_name(path), PYIQA_FILES.get(_pyiqa_name(path))
     r0, header = rows[0]
     try:
         float(header[1] if len(header) > 1 else "")
@@ -277,14 +290,11 @@ def _pyiqa(fs, opts):
                              f"(one of {', '.join(PYIQA_COLUMNS[missing])}); expected img_name,mos,... (no-reference) "
                              f"or ref_name,dist_name,mos|dmos,... (full-reference)")
     score_col = header[cols["score"]] if header else "2 (MOS)"
-    direction = opts.get("direction") or (published[0] if published else "higher")
-    if direction not in ("higher", "lower"):
-        raise ValueError(f"pyiqa: direction must be higher or lower, got {direction!r}")
+    direction, top = pyiqa_direction(path, opts)
     if published is None and "direction" not in opts and score_col.lower() == "dmos":
         warnings.warn(f"{path}: column 'dmos' in a file this reader does not know (known: meta_info_<Name>Dataset.csv "
                       f"for {', '.join(PYIQA_FILES)}): taken as higher is better; pass direction=lower "
                       "(CLI: pyiqa=ROOT,FILE,direction=lower) if lower is better", stacklevel=4)
-    top = (published[1] if published else None) or 0.0
     meta = published[2] if published and full else None
     attrs = {a: next((i for i, c in enumerate(header) if c.lower() == col.lower()), None)
              for a, col in SPAQ_ATTRIBUTES.items()} if name == "SPAQ" else {}
@@ -329,8 +339,7 @@ READERS = {"koniq": _koniq, "spaq": _spaq, "livec": _livec, "kadid": _kadid, "cs
            "bid": _bid, "agiqa3k": _agiqa3k, "agiqa1k": _agiqa1k, "pipal": _pipal, "live": _live,
            "pyiqa": _pyiqa, "manifest": _manifest}
 OPTIONS = {"pyiqa": ("file", "direction", "domain", "dataset"), "manifest": ("file",)}
-DIRECTION = {"csiq": "higher is better (mos = 1 - DMOS)", "live": "higher is better (mos = 100 - DMOS)",
-             "pyiqa": "higher is better (a lower-is-better file flipped: mos = TOP - score)"}
+DIRECTION = {"csiq": "higher is better (mos = 1 - DMOS)", "live": "higher is better (mos = 100 - DMOS)"}
 
 
 # ----------------------------------------------------------------------------- loading

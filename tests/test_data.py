@@ -246,6 +246,8 @@ def test_pyiqa_direction_option_and_unknown_dmos_file(tmp_path):
         assert [r.mos for r in data.load_dataset("pyiqa", path, direction="lower")] == [-0.2, -0.7]
         csiq = pyiqa_file(root, "CSIQ", [["ref_name", "dist_name", "dmos"], ["1600.png", "1600.AWGN.1.png", 0.06]], where="meta")
         assert data.load_dataset("pyiqa", csiq, direction="higher")[0].mos == 0.06  # the option wins
+        assert "pyiqa CSIQ: 1 images" in data.summary("pyiqa", csiq) and "mos = 1 - score" in data.summary("pyiqa", csiq)
+        assert "mos = 0 - score" in data.summary("pyiqa", path, direction="lower")
     with pytest.raises(ValueError, match="direction must be higher or lower"):
         data.load_dataset("pyiqa", path, direction="up")
     with pytest.raises(ValueError, match=r"pyiqa: unknown option 'directoin'"):
