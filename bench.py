@@ -1,4 +1,4 @@
-"""Timing of grpo.py's GRPO step: the optimised path against the straightforward one (issue 7).
+"""Timing of grpo.py's GRPO step: the optimised path against the straightforward one.
 
     python bench.py --size small --image-size 448 -B 2 -K 6 --new-tokens 64 --steps 3 --threads 2
 
@@ -11,7 +11,7 @@ repeated K times before the vision tower, B*K rows prefilled from scratch and tr
 Each path runs in its own subprocess (peak memory is per process) with the same torch thread
 count, on one fixed synthetic batch (random images, random labels), LoRA as grpo's defaults, every
 completion forced to exactly --new-tokens tokens; one warm-up step, then --steps timed steps of
-grpo.grpo_step. Prints one JSON line per path (path, sec_per_step, gen_s, reward_s, update_s,
+step.grpo_step. Prints one JSON line per path (path, sec_per_step, gen_s, reward_s, update_s,
 peak_mem_mib: RSS high-water mark on CPU, torch.cuda.max_memory_allocated on GPU), then
 {"ratio": optimised sec_per_step / straightforward sec_per_step}.
 """
@@ -31,6 +31,8 @@ PATHS = ("optimised", "straightforward")
 def run_path(args) -> dict:
     """One path, in this process: warm-up step, then args.steps timed steps."""
     import grpo
+    import parallel
+    import step
     from mgiqa import ATTRIBUTES
     from PIL import Image
     from reward import preference_matrix
@@ -45,21 +47,22 @@ def run_path(args) -> dict:
     S, B = args.image_size, args.batch_size
     images = [Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)) for _ in range(B)]
     labels = torch.tensor(rng.uniform(1, 5, (len(ATTRIBUTES), B)))
-    P, M = (torch.stack(t) for t in zip(*(preference_matrix(y) for y in labels)))  # (A, B, B) each
-    batch = {"P": P, "M": M}
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg["lr"])
-    policy = grpo.PolicyLogprobs(model)
+    P, M = (torch.stack(t) for t in zip(*(preference_matrix(y) for y in labels)))  # (A, B, B) each, on the CPU:
+    batch = {"P": P, "M": M}  # step.grpo_step moves them to the model's device, as in training
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=grpo.default_lr(cfg))
+    policy = parallel.Policy(model)
+    ref = parallel.Policy(ref) if ref is not None else None
     cuda = next(model.parameters()).is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times, parts = [], {"gen_s": [], "reward_s": [], "update_s": []}
-    for step in range(args.steps + 1):  # step 0 warms up (allocator, lazy imports, kernels)
+    for i in range(args.steps + 1):  # step 0 warms up (allocator, lazy imports, kernels)
         sync()
         t0 = time.perf_counter()
-        stats = grpo.grpo_step(cfg, model, processor, policy, batch, images, ref, optimizer=optimizer)
+        stats = step.grpo_step(cfg, policy, processor, batch, images, ref=ref, optimizer=optimizer)
         sync()
         if stats["length"] != args.new_tokens:
             raise RuntimeError(f"bench.py: completions averaged {stats['length']} tokens, expected {args.new_tokens}")
-        if step > 0:
+        if i > 0:
             times.append(time.perf_counter() - t0)
             for k in parts:
                 parts[k].append(stats[k])

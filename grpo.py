@@ -47,7 +47,6 @@ import evaluate
 import lora
 import mgiqa
 import parallel
-import report
 import rollouts
 import step
 from step import compute_dtype, precision
@@ -130,7 +129,7 @@ def format_line(i, s) -> str:
 
 
 def _json(obj) -> str:
-    return json.dumps(report.json_safe(obj), default=str)  # NaN -> null: strict JSON readers open it
+    return json.dumps(mgiqa.json_safe(obj), allow_nan=False, default=str)  # NaN -> null: strict JSON readers open it
 
 
 def train(cfg, model, processor, sampler, images_of=None, ref_model=None, aux_loss=None, eval_fn=None, log=print,
@@ -222,23 +221,35 @@ def build_model(cfg):
 
 
 def load_data(cfg, rank=0):
-    """Training and held-out records from --data NAME=ROOT; the split is written to the run dir."""
+    """Training and held-out records from --data NAME=ROOT[,FILE][,KEY=VALUE] (data.parse_spec), one
+    training set per dataset the records name; each dataset's split is written to the run dir."""
     train_sets, heldout = {}, []
     for spec in cfg["data"]:
-        if "=" not in spec:
-            raise ValueError(f"--data takes NAME=ROOT, got {spec!r}")
-        name, root = spec.split("=", 1)
-        records = data.split_records(data.load_dataset(name, root), seed=cfg["seed"])
-        split_path = Path(cfg["out"]) / f"split-{name}.csv"
-        if split_path.is_file():  # a resumed or evaluated run keeps its images
-            records = data.apply_split(records, data.load_split(str(split_path)))
-        elif rank == 0:
-            split_path.parent.mkdir(parents=True, exist_ok=True)
-            data.save_split(records, str(split_path))
-        train_sets[name] = [r for r in records if r.split == "train"]
-        heldout += [r for r in records if r.split in ("val", "test")]
+        try:
+            name, root, opts = data.parse_spec(spec)
+        except ValueError as err:
+            raise SystemExit(f"error: --data: {err}") from None
+        for dataset, records in _by_dataset(data.load_dataset(name, root, **opts)).items():
+            if dataset in train_sets:
+                raise SystemExit(f"error: --data {spec!r}: dataset {dataset!r} is given twice")
+            records = data.split_records(records, seed=cfg["seed"])
+            split_path = Path(cfg["out"]) / f"split-{dataset}.csv"
+            if split_path.is_file():  # a resumed or evaluated run keeps its images
+                records = data.apply_split(records, data.load_split(str(split_path)))
+            elif rank == 0:
+                split_path.parent.mkdir(parents=True, exist_ok=True)
+                data.save_split(records, str(split_path))
+            train_sets[dataset] = [r for r in records if r.split == "train"]
+            heldout += [r for r in records if r.split in ("val", "test")]
     parallel.barrier()
     return train_sets, heldout
+
+
+def _by_dataset(records) -> dict:
+    out = {}
+    for r in records:
+        out.setdefault(r.dataset, []).append(r)
+    return out
 
 
 def held_out_eval(cfg, processor, heldout):

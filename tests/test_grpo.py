@@ -680,3 +680,18 @@ def test_crash_during_checkpoint_write_resumes_from_previous(synthetic, uninterr
     assert "checkpoint-3 at step 3" in lines[0]
     assert_same_run(model, history, uninterrupted)
     assert checkpoint.checkpoints(tmp_path) == [3, 6] and not (tmp_path / "checkpoint-6.tmp").exists()
+
+
+def test_evaluation_during_training_draws_from_every_dataset(tmp_path):
+    for name in ("alpha", "beta"):
+        data.make_synthetic(str(tmp_path / name), 20, 56, seed=len(name), dataset=name)
+    out = tmp_path / "run"
+    code = grpo.main(["--data", f"manifest={tmp_path / 'alpha'}", f"manifest={tmp_path / 'beta'}", "--out", str(out),
+                      "--steps", "2", "-B", "2", "-K", "2", "--max-new-tokens", "4", "--lora-rank", "4",
+                      "--eval-every", "2", "--eval-limit", "6", "--save-every", "0"])
+    assert code == 0
+    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert "eval" not in log[0] and set(log[1]["eval"]) == {"alpha", "beta"}
+    assert sum(d["n"] for d in log[1]["eval"].values()) == 6
+    assert {p.name for p in out.glob("split-*.csv")} == {"split-alpha.csv", "split-beta.csv"}
+    json.loads((out / "log.jsonl").read_text().splitlines()[1], parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
