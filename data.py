@@ -235,9 +235,9 @@ def summary(name: str, root: str, **opts) -> str:
             f"{[a for a in LABELLED if a in meta] or 'none'}")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="synth: make a synthetic dataset; summary: check datasets")
     s = sub.add_parser("synth", help="procedural images with graded distortions + manifest.csv + contact sheet")
     s.add_argument("out", help="output folder")
     s.add_argument("--n", type=int, default=2000, help="number of images")
@@ -249,21 +249,29 @@ if __name__ == "__main__":
     s.add_argument("--heldout-frac", type=float, default=0.2, help="fraction of scenes in the test split")
     m = sub.add_parser("summary", help="images, splits, MOS range, labels and missing files per dataset")
     m.add_argument("datasets", nargs="+", help=f"NAME=ROOT[,FILE][,KEY=VALUE ...], NAME in {', '.join(READERS)}")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "synth":
         import time
         t0 = time.time()
         recs = make_synthetic(args.out, args.n, args.size, args.seed, args.mode, args.per_ref, args.heldout_frac)
         n_test = sum(r.split == "test" for r in recs)
         print(f"wrote {len(recs)} images ({n_test} test) to {args.out} in {time.time() - t0:.1f} s")
-    else:
-        failed = 0
-        for spec in args.datasets:
-            name = spec.partition("=")[0]
-            try:
-                name, root, opts = parse_spec(spec)
-                print(summary(name, root, **opts))
-            except (OSError, ValueError) as err:  # report every dataset, then fail
-                print(f"{name}: error: {err}")
-                failed += 1
-        raise SystemExit(1 if failed else 0)
+        return 0
+    failed = 0
+    for spec in args.datasets:
+        name = spec.partition("=")[0]
+        try:
+            name, root, opts = parse_spec(spec)
+            print(summary(name, root, **opts))
+        except (OSError, ValueError) as err:  # report every dataset, then fail
+            print(f"{name}: error: {err}")
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -560,3 +560,11 @@ def test_command_line_synth_then_summary(tmp_path):
     text = run("summary", f"manifest={tmp_path / 'syn'}").stdout
     assert "20 images (0 listed but missing on disk)" in text and "train 10, test 10" in text
     assert "attributes ['sharpness', 'color', 'noise', 'composition']" in text
+
+
+def test_every_command_line_option_has_help():
+    parser = data.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    assert subparsers.help
+    for name, sub in subparsers.choices.items():
+        assert all(a.help for a in sub._actions if a.dest != "help"), name
