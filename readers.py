@@ -23,21 +23,18 @@ folders, then anywhere, case-insensitively (TID2013 ships I01_01_1.bmp as i01_01
   live     LIVE release 2: refnames_all.mat + dmos_realigned.mat (dmos_new; else dmos.mat, dmos) with orgs;
            images jp2k/img1..227 jpeg/..233 wn/..174 gblur/..174 fastfading/..174 in that order;
            reference copies (orgs = 1) dropped, as pyiqa does; mos = 100 - dmos.
-  pyiqa    a pyiqa meta-info CSV (root: the CSV, or the image folder with file=), in either layout:
-           no-reference, the image first (img_name or "Image name", then mos, std, ...), or
-           full-reference, recognised by dist_name beside ref_name (or PIPAL's hq_name): the
-           distorted image and its score (mos, dmos or elo_score), the reference kept as ref and
-           the domain synthetic, so split_records makes reference-disjoint splits. The score's
-           direction comes from the published file's name (PYIQA_FILES: CSIQ's dmos and LIVE's
-           mos hold DMOS, lower is better, and are flipped as their own readers flip them;
-           KADID-10k's dmos is a MOS, higher is better), else from direction=higher|lower. A file
-           name it does not know is taken as higher is better (the documented default), with a
-           warning when its score column is called dmos. Family and level come from KADID-10k,
-           TID2013/2008 and CSIQ names (LIVE: the family from the folder), as their readers take
-           them; SPAQ's Sharpness/Colorfulness/Noisiness and a KonIQ-style `split` column are read
-           as their readers read them; LIVEChallenge drops t1-t7. Options: direction, domain,
-           dataset (default: <Name> of meta_info_<Name>Dataset.csv). A headerless file is read
-           as image, score.
+  pyiqa    a pyiqa meta-info CSV (root: the CSV, or the image folder with file=). No-reference layout:
+           the image first (img_name, "Image name"), then mos, std, ...; full-reference, recognised
+           by dist_name beside ref_name (PIPAL: hq_name): the distorted image, its score (mos, dmos
+           or elo_score), the reference as ref, domain synthetic (reference-disjoint splits). The
+           direction comes from the published file's name (PYIQA_FILES: CSIQ's dmos and LIVE's mos
+           hold DMOS and are flipped as their readers flip them; KADID-10k's dmos is a MOS), else
+           from direction=higher|lower; an unknown file is taken as higher is better (the
+           documented default), with a warning if its column is called dmos. Family and level of
+           KADID-10k, TID2013/2008 and CSIQ names (LIVE: family from the folder), SPAQ's attributes,
+           a KonIQ `split` column, LIVEChallenge without t1-t7: as their own readers take them.
+           Options: direction, domain, dataset (default <Name> of meta_info_<Name>Dataset.csv).
+           A headerless file is read as image, score.
   manifest this project's CSV (manifest.csv in root, or the CSV as root): image, mos, optional
            sharpness/color/noise/composition, split, ref, family, level, dataset, domain.
 """
