@@ -124,28 +124,11 @@ def stratified_subset(records: list[Record], n: int, seed: int = 0) -> list[Reco
 
 # ----------------------------------------------------------------------------- the sampler
 
-def preferences(records: list[Record]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """labels (B, A) with NaN where absent; ground truth P and mask M, both (A, B, B), ATTRIBUTES order.
-    Labelled pairs: P = 1 / 0.5 / 0 as y_i >, =, < y_j. Unlabelled pairs of one reference whose
-    families map to the attribute (a clean image counts for every family) are ordered by level."""
-    import torch  # here, not at the top: `data.py synth` and `summary` start in a second without it
-    labels = np.array([[r.attributes.get(a, np.nan) for a in LABELLED] + [r.mos] for r in records])  # (B, A)
-    y, off = labels.T, ~np.eye(len(records), dtype=bool)  # y: (A, B)
-    with np.errstate(invalid="ignore"):
-        M = ~np.isnan(y)[:, :, None] & ~np.isnan(y)[:, None, :] & off  # (A, B, B)
-        P = (y[:, :, None] > y[:, None, :]) + 0.5 * (y[:, :, None] == y[:, None, :])
-    refs = np.array([r.ref or "" for r in records])
-    level = np.array([np.nan if r.level is None else r.level for r in records], dtype=float)
-    same_ref = (refs[:, None] == refs[None, :]) & (refs != "")[:, None] & off
-    by_level = (level[:, None] < level[None, :]) + 0.5 * (level[:, None] == level[None, :])
-    clean = np.array([r.level == 0 and r.family is None for r in records])
-    for a, name in enumerate(LABELLED):
-        ok = clean | np.array([FAMILY_TO_ATTRIBUTE.get(r.family) == name and r.level is not None for r in records])
-        meta = same_ref & ok[:, None] & ok[None, :] & ~M[a]
-        P[a] = np.where(meta, by_level, P[a])
-        M[a] |= meta
-    return (torch.tensor(labels, dtype=torch.float32), torch.tensor(np.where(M, P, 0.5), dtype=torch.float32),
-            torch.from_numpy(M))
+def preferences(records: list[Record]):
+    """labels (B, A), ground truth P and mask M (A, B, B) of a batch: reward.preferences, the one
+    rule (imported here, not at the top, so that `data.py synth` and `summary` start without torch)."""
+    from reward import preferences as rule
+    return rule(records)
 
 
 class Sampler:

@@ -1,13 +1,13 @@
 """The demo's warm-up, which never sees a quality label or level (what a pretrained VLM would bring):
 perception (the vision tower and a thrown-away probe learn the distortion FAMILY) and the answer
 layout (the family word as reasoning, uniform targets at the score digits); also the auxiliary
-family loss GRPO keeps, and the fast paths both use (patchify, vision_indices). demo.py runs them.
+family loss GRPO keeps, and the fast paths both use (patchify, vision_indices). demo.py runs them;
+`demo` is a demo.Demo (the data), `cfg` a demo.DemoConfig (not imported: demo.py imports this file).
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,9 +16,6 @@ import torch.nn.functional as F
 
 import rollouts
 from mgiqa import ATTRIBUTES
-
-if TYPE_CHECKING:  # annotations only: demo.py imports this module
-    from demo import Demo, DemoConfig
 
 FAMILIES = (None, "blur", "noise", "color", "composition")
 WORDS = ("clean", "blurry", "noisy", "dull", "offcentre")
@@ -58,7 +55,7 @@ def init_filters(model, n: int, gain: float, seed: int) -> None:
         w[:n] = r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1) * w.flatten(1).norm(dim=1).mean() * gain
 
 
-def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
+def train_probe(model, demo, cfg, log=print):
     """Vision tower + probe (batch norm, linear) on its mean-pooled output -> distortion family
     (cross-entropy); the probe is discarded. Warm-up then cosine learning rate; the batch norm lets
     the probe read the tower's small differences between images from the first step."""
@@ -87,7 +84,7 @@ def train_probe(model, demo: Demo, cfg: DemoConfig, log=print):
             log(f"probe step {step + 1}: loss {loss.item():.3f} held-out family accuracy {acc:.2f} ({time.perf_counter() - t:.0f}s)")
 
 
-def pooled_tokens(model, demo: Demo, idx) -> tuple:
+def pooled_tokens(model, demo, idx) -> tuple:
     """The vision tower's output tokens for images idx: one (tokens, D) tensor each."""
     grid = demo.grid.expand(len(idx), 3)
     return model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), grid, return_dict=True,
@@ -116,11 +113,11 @@ def vision_indices(visual, grid) -> dict:
     return _VISION_INDICES[key]
 
 
-def pooled_features(model, demo: Demo, idx):
+def pooled_features(model, demo, idx):
     return torch.stack(pooled_tokens(model, demo, idx)).mean(1)  # (n, D)
 
 
-def train_format(model, processor, demo: Demo, cfg: DemoConfig, log=print):
+def train_format(model, processor, demo, cfg, log=print):
     """Supervised answer layout: the family word as reasoning, UNIFORM targets at the score digits."""
     tok = processor.tokenizer
     digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(1, 6)])
@@ -156,7 +153,7 @@ def train_format(model, processor, demo: Demo, cfg: DemoConfig, log=print):
         p.requires_grad_(True)
 
 
-def family_aux_loss(processor, demo: Demo, cfg: DemoConfig):
+def family_aux_loss(processor, demo, cfg):
     """Auxiliary perception loss during GRPO: name the family of other training images (no levels)."""
     tok = processor.tokenizer
     think = tok.convert_tokens_to_ids("<think>")
