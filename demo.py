@@ -9,7 +9,7 @@ and OUT/final: checkpoints whose processor is saved with the demo's image size a
 so that mgiqa.load scales any photo to about 84 x 84 pixels and the answer keeps its layout. The
 scores mean something only on the demo's synthetic scenes (README: the GPU recipe for real photos).
 
-What it does (the recipe measured in DEMO_NOTES.md; docs/METHOD.md gives the method):
+What it does (the recipe measured in docs/DEMO_NOTES.md; docs/METHOD.md gives the method):
 1. Data: data.synthesize in "family" mode, shaped like KADID-10k: every scene has a clean version and
    one version per distortion family (blur, noise, desaturation, subject pushed off-centre) at a
    graded level; ground truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one,
@@ -79,7 +79,7 @@ class DemoConfig:
     probe_vision_lr: float = 3e-4   # the vision tower's (3e-3 there never got past ~45% family accuracy)
     filters: int = 32               # patch-embedding rows that start as high-pass filters (init_filters)
     filter_gain: float = 5.0
-    format_steps: int = 1000        # 500: seed 3 composition .688 (level-3 off-centre images named clean); DEMO_NOTES.md
+    format_steps: int = 1000        # 500: seed 3 composition .688 (level-3 off-centre images named clean); docs/DEMO_NOTES.md
     format_batch: int = 32
     format_lr: float = 1e-3
     grpo_steps: int = 450           # 525 with format 1000: 513-612 s end to end, over 10 minutes at slow moments

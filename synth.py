@@ -9,7 +9,7 @@ and versions that each carry ONE family (blur, desaturation, noise, the subject 
 at a level 1-5; the distorted attribute is 5 - 0.8 * level, the others 5, overall the minimum.
 "mixed" mode: independent levels of all four, overall (min + mean) / 2. Held-out scenes are
 disjoint from training scenes. Colour distortion is desaturation only (no cast): the recipe the
-demo was measured with (docs/METHOD.md, DEMO_NOTES.md).
+demo was measured with (docs/METHOD.md, docs/DEMO_NOTES.md).
 """
 from __future__ import annotations
 
