@@ -297,13 +297,14 @@ def _pyiqa(fs, opts):
              for a, col in SPAQ_ATTRIBUTES.items()} if name == "SPAQ" else {}
     split_col = next((i for i, c in enumerate(header) if c.lower() == "split"), None)
     dataset, out, skip = opts.get("dataset") or name, [], set(cols.values()) | set(attrs.values())
+    names = [c if c not in header[:i] else f"{c}.{header[:i].count(c)}" for i, c in enumerate(header)]  # SPAQ repeats Brightness
     for r, row in rows:
         if len(row) <= max(i for i in cols.values() if i is not None):
             raise ValueError(f"{path}: row {r}, column '{score_col}': missing")
         image, score = row[cols["image"]], number(path, r, score_col, row[cols["score"]])
         if name == "LIVEChallenge" and not _livec_keep(image):
             continue
-        extra = {c: row[i] for i, c in enumerate(header) if i not in skip and i < len(row)}
+        extra = {names[i]: row[i] for i in range(min(len(header), len(row))) if i not in skip}
         split = "all"
         if split_col is not None:
             split = KONIQ_SETS.get(row[split_col].lower())

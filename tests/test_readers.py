@@ -219,10 +219,11 @@ def test_pyiqa_no_reference_layouts(tmp_path):
     assert [(r.mos, r.split, r.ref, r.domain) for r in koniq] == [(77.4, "train", None, "authentic"), (68.7, "test", None, "authentic")]
     assert koniq[0].extra == {"std": "0.5", "c1": "0"}
     spaq = data.load_dataset("pyiqa", pyiqa_file(root, "SPAQ", [
-        ["Image name", "MOS", "Brightness", "Colorfulness", "Contrast", "Noisiness", "Sharpness"],
-        ["00001.jpg", 48.86, 47.43, 55.57, 55.71, 37.86, 42.57]], where="meta"))
+        ["Image name", "MOS", "Brightness", "Colorfulness", "Contrast", "Noisiness", "Sharpness", "ISO", "Brightness"],
+        ["00001.jpg", 48.86, 47.43, 55.57, 55.71, 37.86, 42.57, 200, -1.21]], where="meta"))
     assert spaq[0].attributes == {"sharpness": 42.57, "color": 55.57, "noise": 37.86}  # as the spaq reader maps them
     assert spaq[0].mos == 48.86 and spaq[0].extra["Brightness"] == "47.43" and "Sharpness" not in spaq[0].extra
+    assert spaq[0].extra["Brightness.1"] == "-1.21"  # the published file repeats Brightness (the EXIF one)
     livec = data.load_dataset("pyiqa", pyiqa_file(root, "LIVEChallenge", [
         ["img_name", "mos", "std"], ["t1.bmp", 63.9, 18], ["100.bmp", 32.5, 19]], where="meta"))
     assert [os.path.basename(r.image) for r in livec] == ["100.bmp"]  # t1-t7 dropped, as the livec reader does
