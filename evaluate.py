@@ -286,8 +286,9 @@ def parse_args(argv=None):
     g.add_argument("--out", default=None, help="output folder (required for a run; resumes when it holds results)")
     g.add_argument("--report", action="store_true",
                    help="also write report.html: metrics, scatter plots and every image with its scores, worst-ranked first")
-    g.add_argument("--report-images", type=int, default=None, metavar="N",
-                   help="with --report: at most N images per dataset in the grid, the worst-ranked (default: all)")
+    g.add_argument("--report-images", type=int, default=300, metavar="N",
+                   help="with --report: at most N images per dataset in the grid, the worst-ranked first (default "
+                        "300, about 3 MB of thumbnails per dataset; 0: all)")
     g.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two result files (or folders of *.jsonl) to compare")
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for --compare")
     return parser, parser.parse_args(argv)
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             subtitle=f"adapter {args.adapter or 'none'} · {'reasoning' if not args.fast else 'answer only'} · "
                      f"split {args.split or 'as given'} · {cap}",
             note="an untrained random model: its scores are noise" if args.model in mgiqa.SIZES else "",
-            max_images=args.report_images)
+            max_images=args.report_images or None)
         print(f"wrote {path}")
     return 0
 

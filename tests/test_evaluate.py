@@ -256,8 +256,13 @@ def test_report_and_strict_json_of_a_run(tmp_path, monkeypatch):
     assert sorted(strict_json_files(tmp_path / "o")) == ["manifest.jsonl", "run.json", "summary.json"]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["datasets"]["synthetic"]["parse_failures"] == 4
-    assert run("--model", "m", "--data", f"manifest={tmp_path / 'd'}", "--out", tmp_path / "p", "--max-pixels", "7056") == 0
-    assert loads[-1]["max_pixels"] == 7056 and not (tmp_path / "p" / "report.html").exists()
+    assert run("--model", "m", "--data", f"manifest={tmp_path / 'd'}", "--out", tmp_path / "p", "--max-pixels", "7056",
+               "--report", "--report-images", "3") == 0
+    assert loads[-1]["max_pixels"] == 7056
+    p = parse_report((tmp_path / "p" / "report.html").read_text(encoding="utf-8"))
+    assert len(p.cards) == 3 and "the 3 worst-ranked of 20" in (tmp_path / "p" / "report.html").read_text()
+    assert not (tmp_path / "q").exists() and run("--model", "m", "--data", f"manifest={tmp_path / 'd'}", "--out",
+                                                   tmp_path / "q") == 0 and not (tmp_path / "q" / "report.html").exists()
 
 
 def test_every_option_has_help():
