@@ -81,7 +81,7 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64, help="every completion is exactly this long")
     ap.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads, the same for both paths")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     ap.add_argument("--path", choices=PATHS, default=None, help="run one path in this process (what the parent spawns)")
     return ap.parse_args(argv)
 

@@ -26,7 +26,7 @@ ATTRIBUTE_DEFINITIONS = {
     "composition": "how well the subject is framed; 5 means a well-composed frame, 1 means the subject is badly placed or cut off.",
 }
 
-# The VisualQuality-R1 question for the overall score, kept verbatim (SPEC 1).
+# The VisualQuality-R1 question for the overall score, kept verbatim (docs/METHOD.md, section 1).
 OVERALL_QUESTION = (
     "What is your overall rating on the quality of this picture? The rating should be a float "
     "between 1 and 5, rounded to two decimal places, with 1 representing very poor quality and 5 "
@@ -113,7 +113,7 @@ def _last_json_object(block: str) -> dict | None:
 
 
 def parse_answer(text: str, strict: bool = False, thinking: bool = True, clip: bool = True) -> dict[str, float] | None:
-    """Scores from a completion (SPEC 1).
+    """Scores from a completion (docs/METHOD.md, section 1).
 
     strict: None unless the whole completion is exactly the requested layout with all five keys
     in [1, 5]. Lenient: always a dict with the five keys, each a float in [1, 5] or NaN; never

@@ -3,8 +3,9 @@
 Per attribute a (overall included), rollout k of image i is rewarded by how well the Thurstone
 probability that its score beats image j's mean matches the ground-truth preference P[i, j]
 (fidelity, as VisualQuality-R1's RL2R), averaged over the comparable images j; the total adds a
-strict-format reward and weights the attributes (SPEC section 2). Preferences come from labels
-(MOS, human attribute scores) or from distortion metadata of synthetic datasets (SPEC 4.3).
+strict-format reward and weights the attributes (docs/METHOD.md, section 2). Preferences come from
+labels (MOS, human attribute scores) or from distortion metadata of synthetic datasets (section 4).
+The per-token credit GRPO gives those rewards (one advantage per completion, or per attribute score) is here too.
 
     python reward.py --bench          # time mg_reward for B=64, K=8, A=5 on one CPU thread
 
@@ -12,7 +13,7 @@ Departures (from VisualQuality-R1, whose reward this generalises):
 1. An unparseable score is NaN, not a random score: it is left out of its image's mean and
    variance and earns 0; an image with no valid rollout is left out of the others' comparisons.
 2. A score written outside [1, 5] counts as NaN in training (parsed with clip=False), because
-   extreme scores were seen buying certainty from the reward (SPEC 2).
+   extreme scores were seen buying certainty from the reward.
 3. `ignore_ties=True` (off by default, used by the demo) drops pairs with P = 0.5 from the mean:
    their fidelity peaks at p_hat = 0.5 and would pull scores of equally rated images together.
 4. `trl_reward` pads groups of unequal size (TRL can split an image's K rollouts across
@@ -25,17 +26,16 @@ import math
 import random
 import re
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
-from mgiqa import ATTRIBUTES, parse_answer
+from prompt import ATTRIBUTES, parse_answer
+from records import FAMILY_TO_ATTRIBUTE, LABELLED
 
-# Synthetic distortion family -> the attribute its level orders (SPEC 4.3); other families
-# (compression, brightness, spatial, ...) supervise only `overall`, through the MOS.
-FAMILY_TO_ATTRIBUTE = {"blur": "sharpness", "noise": "noise", "color": "color", "composition": "composition"}
-DEFAULT_WEIGHTS = tuple(1.0 if a == "overall" else 0.25 for a in ATTRIBUTES)  # (A,), SPEC 2
+DEFAULT_WEIGHTS = tuple(1.0 if a == "overall" else 0.25 for a in ATTRIBUTES)  # (A,): overall 1, each attribute .25
 
 
 def preference_matrix(labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,26 +48,28 @@ def preference_matrix(labels) -> tuple[torch.Tensor, torch.Tensor]:
     return P, M
 
 
-def _codes(values) -> torch.Tensor:
-    """Integer id per distinct value, -1 for None / NaN (= unknown, comparable to nothing)."""
-    missing = lambda v: v is None or (isinstance(v, float) and math.isnan(v))
-    ids: dict = {}
-    return torch.tensor([-1 if missing(v) else ids.setdefault(v, len(ids)) for v in values])
-
-
-def metadata_preferences(refs, families, levels, attribute: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preferences from distortion metadata (SPEC 4.3): same reference and family, lower level wins.
-
-    With `attribute`, only families that FAMILY_TO_ATTRIBUTE maps to it stay comparable.
-    """
-    level = torch.tensor([math.nan if v is None else float(v) for v in levels], dtype=torch.float64)  # (B,)
-    P, M = preference_matrix(-level)                                       # lower level = better
-    ref, fam = _codes(refs), _codes(families)                              # (B,)
-    same = (ref[:, None] == ref[None, :]) & (fam[:, None] == fam[None, :]) & (ref >= 0)[:, None] & (fam >= 0)[:, None]
-    if attribute is not None:
-        mine = torch.tensor([FAMILY_TO_ATTRIBUTE.get(f) == attribute for f in families])
-        same &= mine[:, None] & mine[None, :]
-    return P, M & same
+def preferences(records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """labels (B, A) with NaN where absent; ground truth P and mask M, both (A, B, B), ATTRIBUTES order.
+    Labelled pairs: P = 1 / 0.5 / 0 as y_i >, =, < y_j. Unlabelled pairs of one reference whose
+    families map to the attribute (a clean image counts for every family) are ordered by level,
+    the lower level better (records.FAMILY_TO_ATTRIBUTE: blur -> sharpness, noise, color, composition)."""
+    labels = np.array([[r.attributes.get(a, np.nan) for a in LABELLED] + [r.mos] for r in records])  # (B, A)
+    y, off = labels.T, ~np.eye(len(records), dtype=bool)  # y: (A, B)
+    with np.errstate(invalid="ignore"):
+        M = ~np.isnan(y)[:, :, None] & ~np.isnan(y)[:, None, :] & off  # (A, B, B)
+        P = (y[:, :, None] > y[:, None, :]) + 0.5 * (y[:, :, None] == y[:, None, :])
+    refs = np.array([r.ref or "" for r in records])
+    level = np.array([np.nan if r.level is None else r.level for r in records], dtype=float)
+    same_ref = (refs[:, None] == refs[None, :]) & (refs != "")[:, None] & off
+    by_level = (level[:, None] < level[None, :]) + 0.5 * (level[:, None] == level[None, :])
+    clean = np.array([r.level == 0 and r.family is None for r in records])
+    for a, name in enumerate(LABELLED):
+        ok = clean | np.array([FAMILY_TO_ATTRIBUTE.get(r.family) == name and r.level is not None for r in records])
+        meta = same_ref & ok[:, None] & ok[None, :] & ~M[a]  # label pairs take precedence
+        P[a] = np.where(meta, by_level, P[a])
+        M[a] |= meta
+    return (torch.tensor(labels, dtype=torch.float32), torch.tensor(np.where(M, P, 0.5), dtype=torch.float32),
+            torch.from_numpy(M))
 
 
 def group_stats(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +95,7 @@ def fidelity(P, p_hat, eps: float = 1e-6) -> torch.Tensor:
 
 
 def thurstone_fidelity(scores, P, M, gamma: float = 1e-6, eps: float = 1e-6, ignore_ties: bool = False) -> torch.Tensor:
-    """r[i, k] = mean over comparable j of f[i, j, k] (SPEC 2); 0 if no such j or s[i, k] is NaN.
+    """r[i, k] = mean over comparable j of f[i, j, k]; 0 if no such j or s[i, k] is NaN.
 
     scores (..., B, K), P and M (..., B, B); leading dims (e.g. A) are batched alike.
     """
@@ -124,7 +126,7 @@ def parse_scores(completions: list[str], B: int, K: int) -> torch.Tensor:
 
 def mg_reward(completions: list[str], P, M, weights=None, w_format: float = 1.0, thinking: bool = True,
               gamma: float = 1e-6, ignore_ties: bool = False) -> dict[str, torch.Tensor]:
-    """R[i, k] = w_format F[i, k] + sum_a w_a r[i, k, a] (SPEC 2). P, M: (A, B, B), ATTRIBUTES order."""
+    """R[i, k] = w_format F[i, k] + sum_a w_a r[i, k, a]. P, M: (A, B, B), ATTRIBUTES order."""
     A = len(ATTRIBUTES)
     if P.dim() != 3 or P.shape[0] != A or P.shape[1] != P.shape[2] or M.shape != P.shape:
         raise ValueError(f"reward.mg_reward: P {tuple(P.shape)} and M {tuple(M.shape)} must both be (A={A}, B, B)")
@@ -249,13 +251,13 @@ def _random_completion(rng: random.Random) -> str:
     return text if rng.random() > 0.1 else text[: rng.randrange(len(text))]
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the MG-IQA reward on one CPU thread.")
     parser.add_argument("--bench", action="store_true", help="time mg_reward on random completions")
     parser.add_argument("--B", type=int, default=64, help="images per batch")
     parser.add_argument("--K", type=int, default=8, help="rollouts per image")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs; the median is printed")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.bench:
         parser.error("nothing to do: pass --bench")
     torch.set_num_threads(1)
@@ -269,3 +271,8 @@ if __name__ == "__main__":
         times.append(time.perf_counter() - t0)
     print(f"mg_reward B={args.B} K={args.K} A={len(ATTRIBUTES)}: median {1000 * statistics.median(times[2:]):.1f} ms "
           f"over {args.repeats} runs (1 thread)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """The policy side of grpo.py: prompts encoded once, K sampled completions per image, and the
-per-token log-probs of those completions under the model (SPEC 3: logits / temperature,
+per-token log-probs of those completions under the model (docs/METHOD.md, section 3: logits / temperature,
 log-softmax, gather; the completion mask runs up to and including the first EOS).
 
 Shared prompt (grpo.py's departure 2): the vision tower and the prompt prefill run once per image

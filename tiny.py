@@ -31,7 +31,7 @@ CHAT_TEMPLATE = (
 SIZES = {
     # text: hidden, layers, heads, kv heads, mlp; vision: hidden, depth, heads, mlp; vocab
     "tiny": dict(hidden=64, layers=2, heads=4, kv=2, mlp=128, v_hidden=32, v_depth=2, v_heads=2, v_mlp=64, vocab=768),
-    # the CPU demo's model (~0.7M parameters; the size PITFALLS' measured recipe learned with).
+    # the CPU demo's model (~0.7M parameters; the size the demo's measured recipe learned with).
     # rope_theta 4: with head_dim 24 and Qwen's [4, 4, 4] mrope sections, theta 10000 leaves the
     # width section 0.0002-0.002 rad per image token, so the language model could not tell a subject
     # in the left column from one in the centre; theta 4 gives it 0.28-0.40 (measured: DEMO_NOTES.md)

@@ -2,7 +2,7 @@
 then evaluate.main on the merged checkpoint, then mgiqa.main on one photo. Prints JSON lines.
 
     python scripts/gpu_check.py                                 # Qwen2.5-VL-7B architecture, one GPU (< 10 min)
-    torchrun --nproc_per_node 1 scripts/gpu_check.py --fsdp     # the same, --full --fsdp instead of LoRA
+    torchrun --nproc_per_node 1 scripts/gpu_check.py --fsdp --layers 12   # --full --fsdp, no reference (beta 0)
     python scripts/gpu_check.py --tiny                          # a small config on the CPU (in the test suite)
 
 The model: Qwen2.5-VL-7B-Instruct's public config written out here, built on the meta device,
@@ -51,7 +51,7 @@ TINY_VISION = {**QWEN25_VL_7B_VISION, "depth": 4, "hidden_size": 32, "intermedia
 QWEN_MAX_PIXELS = 12845056  # Qwen's published preprocessor_config.json
 
 
-def build(tiny: bool, device: torch.device, out: str) -> None:
+def build(tiny: bool, device: torch.device, out: str, layers: int | None = None) -> None:
     """Save the 7B architecture (or a small one) with random weights, and a processor, to `out`."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -60,7 +60,10 @@ def build(tiny: bool, device: torch.device, out: str) -> None:
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"),
            ("start", "<|vision_start|>"), ("end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>"))}
     special = dict(bos_token_id=ids["pad"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-    config = Qwen2_5_VLConfig(text_config={**(TINY_TEXT if tiny else QWEN25_VL_7B_TEXT), **special},
+    text = {**(TINY_TEXT if tiny else QWEN25_VL_7B_TEXT), **special}
+    if layers:
+        text["num_hidden_layers"] = layers
+    config = Qwen2_5_VLConfig(text_config=text,
                               vision_config=TINY_VISION if tiny else QWEN25_VL_7B_VISION,
                               image_token_id=ids["image"], video_token_id=ids["video"],
                               vision_start_token_id=ids["start"], vision_end_token_id=ids["end"],
@@ -111,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a small config on the CPU (what the test suite runs)")
     ap.add_argument("--fsdp", action="store_true", help="--full --fsdp instead of LoRA (run under torchrun)")
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps (the first includes warm-up costs)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default 28, the 7B's; --fsdp on ONE 141 GB GPU needs fewer: full fine-tuning "
+                         "holds 16 bytes a parameter unsharded, 133 GB for all 28)")
     ap.add_argument("--work", default=None, help="folder for the model, data and runs (default: a temporary one)")
     args = ap.parse_args(argv)
 
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("gpu_check.py: one process (torchrun --nproc_per_node 1 for --fsdp)")
     if True:
-        build(tiny, device, os.path.join(work, "model"))
+        build(tiny, device, os.path.join(work, "model"), args.layers)
         make_data(os.path.join(work, "data"), (4000, 3000), n_small=B - 1)
     emit({"event": "built", "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
           "gpu": torch.cuda.get_device_name() if cuda else None, "work": work})
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     run = os.path.join(work, "run")
-    mode = ["--full", "--fsdp", "--save-every", "0"] if args.fsdp else ["--merge", os.path.join(work, "merged"), "--save-every", str(args.steps)]
+    mode = ["--full", "--fsdp", "--save-every", "0", "--beta", "0"] if args.fsdp else ["--merge", os.path.join(work, "merged"), "--save-every", str(args.steps)]
     t = time.perf_counter()
     code = grpo.main(["--model", os.path.join(work, "model"), "--data", f"manifest={os.path.join(work, 'data')}",
                       "--out", run, "--steps", str(args.steps), "-B", str(B), "-K", str(K), "--max-new-tokens", str(T),

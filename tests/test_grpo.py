@@ -1,4 +1,4 @@
-"""grpo.py against SPEC section 3 and issues 6 / 7: the math by hand, log-probs against a naive
+"""GRPO (docs/METHOD.md, section 3): the math by hand, log-probs against a naive
 full-softmax forward, the shared-prefix path against the straightforward one (values and gradients),
 LoRA, checkpoints and exact resume, a crash mid-write, a 2-rank gloo torchrun run, PEFT layout, merge.
 
@@ -368,7 +368,7 @@ def test_force_length_gives_full_rows_without_eos(fresh):
     assert not torch.isin(ids, torch.tensor(mgiqa.banned_token_ids(processor) + [pad])).any()
 
 
-# ----------------------------------------------------------------------------- shared prefix == straightforward (issue 7)
+# ----------------------------------------------------------------------------- shared prefix == straightforward
 
 def test_shared_and_straightforward_paths_agree(fresh, monkeypatch):
     """Same seed: the same rollouts, rewards, advantages; log-probs within 1e-5; one grpo_step

@@ -1,4 +1,4 @@
-"""reward.py against SPEC section 2: a loop reference, hand-computed cases, invariances, robustness."""
+"""reward.py against docs/METHOD.md, section 2: a loop reference, hand-computed cases, invariances, robustness."""
 import math
 import random
 import statistics
@@ -8,14 +8,14 @@ import torch
 
 from mgiqa import ATTRIBUTES
 from reward import (DEFAULT_WEIGHTS, FAMILY_TO_ATTRIBUTE, format_reward, group_advantages,
-                    metadata_preferences, mg_reward, preference_matrix, thurstone_fidelity, trl_reward)
+                    mg_reward, preference_matrix, thurstone_fidelity, trl_reward)
 
 EPS = 1e-6
 NAN = math.nan
 
 
 def loop_fidelity(s, y, gamma=1e-6, eps=EPS, ignore_ties=False):
-    """SPEC 2 written with loops, from labels y (NaN = unlabelled); s a list of B lists of K floats."""
+    """The reward of docs/METHOD.md section 2 written with loops, from labels y (NaN = unlabelled); s a list of B lists of K floats."""
     B = len(s)
     valid = [[x for x in row if not math.isnan(x)] for row in s]
     mu = [sum(v) / len(v) if v else 0.0 for v in valid]
@@ -173,20 +173,6 @@ def test_preference_matrix_by_hand():
     assert P[:3, :3].tolist() == [[0.5, 1.0, 0.5], [0.0, 0.5, 0.0], [0.5, 1.0, 0.5]]
     assert M.tolist() == [[False, True, True, False], [True, False, True, False],
                           [True, True, False, False], [False, False, False, False]]
-
-
-def test_metadata_preferences_kadid_batch():
-    # I01_02_01 I01_01_03 I01_12_02 I01_03_03 I02_01_02 I02_10_01 (no ref)_01_01
-    refs = ["I01", "I01", "I01", "I01", "I02", "I02", None]
-    families = ["blur", "blur", "noise", "blur", "blur", "compression", "blur"]
-    levels = [1, 3, 2, 3, 2, 1, 1]
-    P, M = metadata_preferences(refs, families, levels)
-    comparable = {(0, 1), (1, 0), (0, 3), (3, 0), (1, 3), (3, 1)}
-    assert M.tolist() == [[(i, j) in comparable for j in range(7)] for i in range(7)]
-    assert (P[0, 1], P[1, 0], P[0, 3], P[3, 0], P[1, 3]) == (1.0, 0.0, 1.0, 0.0, 0.5)
-    assert torch.equal(metadata_preferences(refs, families, levels, attribute=FAMILY_TO_ATTRIBUTE["blur"])[1], M)
-    assert not metadata_preferences(refs, families, levels, attribute="noise")[1].any()
-    assert not metadata_preferences(refs, families, [1, None, 2, 3, 2, 1, 1])[1][1].any()   # unknown level
 
 
 def make_trl_batch(rng, B=4, K=3):
