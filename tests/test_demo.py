@@ -89,6 +89,7 @@ def test_command_line_has_help_on_every_flag():
     assert help_text.count("(default") >= 3
 
 
+@pytest.mark.slow
 def test_reduced_demo_grpo_beats_warmup(tmp_path):
     out = tmp_path / "demo"
     run_demo(out, REDUCED)
