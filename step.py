@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-import evaluate
+import metrics
 import lora
 import mgiqa
 import parallel
@@ -207,5 +207,5 @@ def within_batch_srcc(scores, labels) -> list[float]:
         valid = ~np.isnan(s)
         x = np.where(valid.any(1), np.where(valid, s, 0).sum(1) / np.maximum(valid.sum(1), 1), np.nan)
         ok = ~(np.isnan(x) | np.isnan(y))
-        out.append(float(evaluate.srcc(x[ok], y[ok])) if ok.sum() >= 3 else float("nan"))  # ties as scipy
+        out.append(float(metrics.srcc(x[ok], y[ok])) if ok.sum() >= 3 else float("nan"))  # ties as scipy
     return out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mgiqa import ATTRIBUTES
-from reward import (DEFAULT_WEIGHTS, FAMILY_TO_ATTRIBUTE, format_reward, group_advantages,
+from reward import (DEFAULT_WEIGHTS, format_reward, group_advantages,
                     mg_reward, preference_matrix, thurstone_fidelity, trl_reward)
 
 EPS = 1e-6
