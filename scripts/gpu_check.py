@@ -128,9 +128,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("gpu_check.py: one process (torchrun --nproc_per_node 1 for --fsdp)")
-    if True:
-        build(tiny, device, os.path.join(work, "model"), args.layers)
-        make_data(os.path.join(work, "data"), (4000, 3000), n_small=B - 1)
+    build(tiny, device, os.path.join(work, "model"), args.layers)
+    make_data(os.path.join(work, "data"), (4000, 3000), n_small=B - 1)
     emit({"event": "built", "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
           "gpu": torch.cuda.get_device_name() if cuda else None, "work": work})
     if cuda:
