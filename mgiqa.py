@@ -179,7 +179,8 @@ def banned_token_ids(processor) -> list[int]:
     forward: "Image features and image tokens do not match")."""
     tok = processor.tokenizer
     names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|vision_pad|>"]
-    ids = [tok.convert_tokens_to_ids(n) for n in names if n in tok.get_vocab()]
+    vocab = tok.get_vocab()  # a fresh dict of the whole vocabulary on every call: build it once
+    ids = [vocab[n] for n in names if n in vocab]
     return sorted({i for i in ids if i is not None and i != tok.unk_token_id})
 
 

@@ -123,21 +123,19 @@ def full_state_dict(policy) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
+@contextlib.contextmanager
 def gathered_for_generation(policy):
     """FSDP: keep each unit's weights gathered from the first decoding step to the last (one
-    all-gather per rollout, not one per generated token); a no-op otherwise."""
+    all-gather per rollout, not one per generated token); a no-op without FSDP units. Afterwards
+    each unit gets back fully_shard's default: reshard after forward, except the root."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-
-    @contextlib.contextmanager
-    def context():
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
         for m in units:
-            m.set_reshard_after_forward(False, recurse=False)
-        try:
-            yield
-        finally:
-            for m in units:
-                m.reshard()
-                m.set_reshard_after_forward(True, recurse=False)
-    return context()
+            m.reshard()
+            m.set_reshard_after_forward(m is not policy, recurse=False)

@@ -62,8 +62,11 @@ def aggregate(per_token, mask, mode="grpo", max_len=None, rows=None, tokens=None
 
 def to_device(batch, device):
     """The batch's tensors (in a dict, or the fields of rollouts.Prompts) on `device`; the rest as is."""
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else (  # noqa: E731
-        tuple(move(x) for x in v) if isinstance(v, tuple) else v)
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        return tuple(move(x) for x in v) if isinstance(v, tuple) else v
+
     if isinstance(batch, rollouts.Prompts):
         return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
     return {k: move(v) for k, v in batch.items()}
@@ -101,8 +104,7 @@ def sample_rollouts(cfg, policy, processor, images) -> Rollouts:
     model.eval()
     p = images if isinstance(images, rollouts.Prompts) else rollouts.encode_prompts(model, processor, images, cfg["thinking"])
     p = to_device(p, next(model.parameters()).device)
-    gather = parallel.gathered_for_generation(policy) if cfg["fsdp"] else contextlib.nullcontext()
-    with gather:
+    with parallel.gathered_for_generation(policy):
         ids = parallel.for_inference(policy)("rollout", p, cfg["num_generations"], cfg["max_new_tokens"], eos, pad, banned,
                                              cfg["temperature"], cfg["top_p"], shared_prefix=not cfg["straightforward"],
                                              force_length=cfg["force_length"])
