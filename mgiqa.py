@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from prompt import (ATTRIBUTE_DEFINITIONS, ATTRIBUTES, EXAMPLE_ANSWER, OVERALL_QUESTION, build_messages,  # noqa: F401
+from prompt import (ATTRIBUTE_DEFINITIONS, ATTRIBUTES, FAMILY_TO_ATTRIBUTE, LABELLED, EXAMPLE_ANSWER, OVERALL_QUESTION, build_messages,  # noqa: F401
                     build_prompt, parse_answer, reasoning_text)
 from tiny import SIZES, tiny_tokenizer, tiny_vlm  # noqa: F401
 

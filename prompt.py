@@ -18,6 +18,9 @@ import math
 import re
 
 ATTRIBUTES = ("sharpness", "color", "noise", "composition", "overall")
+LABELLED = ATTRIBUTES[:-1]  # attributes a dataset may label; overall always comes from MOS
+# which attribute a distortion family degrades (synthetic datasets' metadata; docs/METHOD.md, section 4)
+FAMILY_TO_ATTRIBUTE = {"blur": "sharpness", "noise": "noise", "color": "color", "composition": "composition"}
 
 ATTRIBUTE_DEFINITIONS = {
     "sharpness": "how clear the edges and fine details are; 5 means crisp, 1 means heavily blurred.",

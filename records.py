@@ -8,10 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from mgiqa import ATTRIBUTES
-
-LABELLED = ATTRIBUTES[:-1]  # attributes a dataset may label; overall always comes from MOS
-FAMILY_TO_ATTRIBUTE = {"blur": "sharpness", "noise": "noise", "color": "color", "composition": "composition"}
+from mgiqa import FAMILY_TO_ATTRIBUTE, LABELLED  # noqa: F401
 
 
 @dataclass

@@ -32,8 +32,7 @@ import time
 import numpy as np
 import torch
 
-from prompt import ATTRIBUTES, parse_answer
-from records import FAMILY_TO_ATTRIBUTE, LABELLED
+from mgiqa import ATTRIBUTES, FAMILY_TO_ATTRIBUTE, LABELLED, parse_answer
 
 DEFAULT_WEIGHTS = tuple(1.0 if a == "overall" else 0.25 for a in ATTRIBUTES)  # (A,): overall 1, each attribute .25
 
