@@ -34,9 +34,7 @@ What it does (the recipe measured in docs/DEMO_NOTES.md; docs/METHOD.md gives th
 5. Held-out evaluation of the warm-up and final checkpoints: overall SRCC over all held-out images;
    each attribute's SRCC over the images where it varies (its family plus the clean ones).
 
-Departures: integer scores (one token each) instead of two decimals, no KL term (VisualQuality-R1:
-beta 0.04; here the reference's score digits are uniform by construction), and the options above;
-all are grpo.py flags whose defaults keep VisualQuality-R1's behaviour.
+Departures (integer scores, no KL term, the options above): docs/METHOD.md, section 7, departure 9.
 """
 from __future__ import annotations
 
@@ -48,19 +46,26 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import data
+import evaluate
 import grpo
 import mgiqa
+import report
+import reward
 import rollouts
-from demo_warmup import (FAMILIES, WORDS, family_aux_loss, init_filters, patchify, pooled_tokens, train_format,
-                         train_probe)
+import synth
 from mgiqa import ATTRIBUTES
+
+FAMILIES = (None, "blur", "noise", "color", "composition")
+WORDS = ("clean", "blurry", "noisy", "dull", "offcentre")  # the reasoning word of each family
 
 EXTRA = ("all_images", "overall_as_attribute", "family_accuracy")  # kept in summary.json beside the five SRCCs
 DEFAULT_OUT = "runs/demo"
@@ -104,7 +109,7 @@ class Demo:
     def __init__(self, cfg: DemoConfig, processor, log=print):
         t = time.perf_counter()
         n = cfg.n_train + cfg.n_heldout
-        images, records = data.synthesize(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
+        images, records = synth.synthesize(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
                                           heldout_frac=cfg.n_heldout / n)
         self.log, self.features = log, None  # features: (N, tokens, D) while the tower is frozen (cache_features)
         self.records, self.index = records, {r.image: i for i, r in enumerate(records)}
@@ -134,23 +139,179 @@ class Demo:
         if not hasattr(self, "_template"):  # one real encoding gives the token layout and rope positions
             from PIL import Image
             side = (int(self.grid[2]) * 14, int(self.grid[1]) * 14)
-            self._template = rollouts.encode_prompts(model, processor, [Image.new("RGB", side)])
+            self._template = rollouts.encode_prompts(model, processor, [Image.new("RGB", side)], mgiqa.prompt_text(processor))
         t, n = self._template, len(idx)
         return rollouts.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
                                 t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
-                                self.grid.expand(n, 3), t.shared, None if self.features is None else tuple(self.features[idx]))
+                                self.grid.expand(n, 3), None if self.features is None else tuple(self.features[idx]))
 
+
+# ----------------------------------------------------------------------------- warm-up (no quality label or level)
+# What a pretrained VLM would bring: perception (the vision tower and a thrown-away probe learn the
+# distortion FAMILY) and the answer layout (the family word as reasoning, uniform targets at the
+# score digits); also the auxiliary family loss GRPO keeps, and the fast paths (patchify, vision_indices).
+
+def patchify(images: np.ndarray, image_processor):
+    """uint8 (N, S, S, 3) -> Qwen2-VL patch rows (N, patches, C*2*14*14), as the image processor
+    makes them for a side that is a multiple of 28 (no resize), in one vectorised pass; checked
+    against the processor on the first images."""
+    N, H, W, C = images.shape
+    ps, tp, ms = image_processor.patch_size, image_processor.temporal_patch_size, image_processor.merge_size
+    mean = torch.tensor(image_processor.image_mean).view(1, C, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, C, 1, 1)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # (N, C, H, W)
+    gh, gw = H // ps, W // ps
+    x = x.unsqueeze(1).expand(N, tp, C, H, W).reshape(N, tp, C, gh // ms, ms, ps, gw // ms, ms, ps)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(N, gh * gw, C * tp * ps * ps)
+    ref = image_processor(images=list(images[:4]), return_tensors="pt")
+    if H % (ps * ms) or W % (ps * ms) or not torch.allclose(ref["pixel_values"].view(4, gh * gw, -1), x[:4], atol=1e-5):
+        raise ValueError("demo images must have a side that is a multiple of 28 and match the processor's patches")
+    return x.contiguous(), ref["image_grid_thw"][0]
+
+
+def answer_ids(processor, word: str) -> list[int]:
+    digits = ", ".join(f'"{a}": 3' for a in ATTRIBUTES)
+    return processor.tokenizer(f"<think>{word}</think><answer>{{{digits}}}</answer><|im_end|>").input_ids
+
+
+def init_filters(model, n: int, gain: float, seed: int) -> None:
+    """Start n rows of the patch embedding as random high-pass filters (a random pattern through a
+    discrete Laplacian), gain x the mean row norm. A pretrained ViT's patch embedding is largely edge
+    and texture filters; a random one is not, and the probe alone learns them slowly. Uses no data."""
+    w = model.model.visual.patch_embed.proj.weight  # (D, C, T, 14, 14)
+    r = torch.randn((n, *w.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    r = 4 * r - r.roll(1, -1) - r.roll(-1, -1) - r.roll(1, -2) - r.roll(-1, -2)
+    with torch.no_grad():
+        w[:n] = r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1) * w.flatten(1).norm(dim=1).mean() * gain
+
+
+def train_probe(model, demo, cfg, log=print):
+    """Vision tower + probe (batch norm, linear) on its mean-pooled output -> distortion family
+    (cross-entropy); the probe is discarded. Warm-up then cosine learning rate; the batch norm lets
+    the probe read the tower's small differences between images from the first step."""
+    vis = model.model.visual
+    D = model.config.text_config.hidden_size
+    head = nn.Sequential(nn.BatchNorm1d(D), nn.Linear(D, len(FAMILIES)))
+    opt = torch.optim.AdamW([{"params": list(vis.parameters()), "lr": cfg.probe_vision_lr},
+                             {"params": list(head.parameters()), "lr": cfg.probe_lr}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / cfg.probe_steps)))
+    train_idx, held = demo.train_idx, demo.indices(demo.heldout)
+    g = torch.Generator().manual_seed(cfg.seed)
+    t = time.perf_counter()
+    model.train()
+    for step in range(cfg.probe_steps):
+        idx = train_idx[torch.randint(len(train_idx), (cfg.probe_batch,), generator=g)]
+        loss = F.cross_entropy(head(pooled_features(model, demo, idx)), demo.family[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 250 == 0 or step + 1 == cfg.probe_steps:
+            head.eval()
+            with torch.no_grad():  # held-out images are only looked at, for the log
+                acc = (head(pooled_features(model, demo, held)).argmax(-1) == demo.family[held]).float().mean().item()
+            head.train()
+            log(f"probe step {step + 1}: loss {loss.item():.3f} held-out family accuracy {acc:.2f} ({time.perf_counter() - t:.0f}s)")
+
+
+def pooled_tokens(model, demo, idx) -> tuple:
+    """The vision tower's output tokens for images idx: one (tokens, D) tensor each."""
+    grid = demo.grid.expand(len(idx), 3)
+    return model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), grid, return_dict=True,
+                                          **vision_indices(model.model.visual, grid)).pooler_output
+
+
+_VISION_INDICES: dict = {}
+
+
+def vision_indices(visual, grid) -> dict:
+    """The tower's rotary positions, attention and window boundaries for images of one grid, as
+    precomputed `image_*` keyword arguments. transformers rebuilds them in Python on every call
+    (17% of a probe step); they are integers that depend on the grid alone, so same numbers."""
+    from transformers.utils.generic import get_max_seqlen
+    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+
+    key = (visual.spatial_merge_size, visual.window_size, visual.patch_size, visual.config._attn_implementation,
+           tuple(grid.flatten().tolist()))  # everything the indices depend on (not id(visual): ids are reused)
+    if key not in _VISION_INDICES:
+        pos = get_vision_position_ids(grid, visual.spatial_merge_size)
+        cu, max_len = get_vision_attention_seqlens(grid, visual.config)
+        window, cu_window = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        _VISION_INDICES[key] = {"image_position_ids": pos, "image_cu_seqlens": cu, "image_max_seqlen": max_len,
+                                "image_window_index": window, "image_cu_window_seqlens": cu_window,
+                                "image_max_window_seqlen": get_max_seqlen(cu_window, visual.config, kwarg_name="max_window_seqlen")}
+    return _VISION_INDICES[key]
+
+
+def pooled_features(model, demo, idx):
+    return torch.stack(pooled_tokens(model, demo, idx)).mean(1)  # (n, D)
+
+
+def train_format(model, processor, demo, cfg, log=print):
+    """Supervised answer layout: the family word as reasoning, UNIFORM targets at the score digits."""
+    tok = processor.tokenizer
+    digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(1, 6)])
+    seqs = torch.tensor([answer_ids(processor, w) for w in WORDS])  # (5 families, Tc)
+    is_digit = torch.isin(seqs[0], digit_ids)
+    word_pos = 1
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.format_lr)
+    train_idx = demo.train_idx
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    t = time.perf_counter()
+    model.train()
+    for step in range(cfg.format_steps):
+        idx = train_idx[torch.randint(len(train_idx), (cfg.format_batch,), generator=g)]
+        ids = seqs[demo.family[idx]].clone()  # (b, Tc)
+        # random digits as inputs at the score positions, so every continuation after a score is seen
+        ids[:, is_digit] = digit_ids[torch.randint(5, (len(idx), int(is_digit.sum())), generator=g)]
+        p = demo.prompts(model, processor, idx)
+        logits = model.lm_head(rollouts.hidden_plain(model, p, ids, torch.ones_like(ids), K=1)).float()  # (b, Tc, V)
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(2, ids[..., None]).squeeze(-1)  # (b, Tc)
+        uniform = -logp[:, is_digit][..., digit_ids].mean(-1)  # cross-entropy against uniform over 1-5
+        fmt = nll[:, ~is_digit]
+        loss = fmt.mean() + 2.0 * nll[:, word_pos].mean() + uniform.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 200 == 0:
+            log(f"format step {step + 1}: loss {loss.item():.3f} ({time.perf_counter() - t:.0f}s)")
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def family_aux_loss(processor, demo, cfg):
+    """Auxiliary perception loss during GRPO: name the family of other training images (no levels)."""
+    tok = processor.tokenizer
+    think = tok.convert_tokens_to_ids("<think>")
+    words = torch.tensor([answer_ids(processor, w)[1] for w in WORDS])
+    train_idx = demo.train_idx
+
+    def loss(model):
+        idx = train_idx[torch.randint(len(train_idx), (cfg.aux_batch,))]
+        ids = torch.stack([torch.full((len(idx),), think), words[demo.family[idx]]], 1)  # (b, 2)
+        p = demo.prompts(model, processor, idx)
+        hidden = rollouts.hidden_plain(model, p, ids, torch.ones_like(ids), K=1)
+        return cfg.aux_weight * F.cross_entropy(model.lm_head(hidden[:, 1]).float(), ids[:, 1])
+    return loss
+
+
+# ----------------------------------------------------------------------------- held-out evaluation and GRPO
 
 def heldout_answers(model, processor, demo: Demo, cfg: DemoConfig) -> list[str]:
     """Greedy answers on the held-out images, in demo.heldout order."""
     model.eval()
     idx = demo.indices(demo.heldout)
-    eos, banned, pad = mgiqa.eos_ids(model, processor), mgiqa.banned_token_ids(processor), processor.tokenizer.pad_token_id
+    tokens = grpo.Tokens.resolve(grpo.Config(), model, processor)
     texts = []
     for s in range(0, len(idx), 120):
         p = demo.prompts(model, processor, idx[s:s + 120])
-        ids = rollouts.rollout(model, p, 1, cfg.max_new_tokens, eos, pad, banned, temperature=0.0)
-        texts += mgiqa.decode_completions(processor, ids, eos)
+        ids = rollouts.sample_shared(model, p, K=1, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos, pad_id=tokens.pad,
+                                     banned=tokens.banned, temperature=0.0)
+        texts += mgiqa.decode_completions(processor, ids, tokens.eos)
     return texts
 
 
@@ -174,8 +335,6 @@ def heldout_srcc(pred: np.ndarray, recs: list) -> dict:
     within-family SRCC that the OVERALL column earns in each attribute's place. Within one family
     the attribute and the MOS fall together, so writing the overall score in every slot earns that
     much without knowing any attribute; the all-image figures are what tell the two apart."""
-    import evaluate
-
     names = ATTRIBUTES[:-1]
     rows = [{"dataset": r.dataset, "image": r.image, **dict(zip(ATTRIBUTES, p))} for r, p in zip(recs, pred.tolist())]
     in_place = [row | dict.fromkeys(names, row["overall"]) for row in rows]
@@ -197,11 +356,12 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
     model.model.visual.requires_grad_(cfg.grpo_vision)
     if cfg.grpo_vision:
         demo.features = None  # the tower changes from here on: run it on the pixels
-    gcfg = {**grpo.DEFAULTS, "out": str(out_dir), "seed": cfg.seed, "steps": cfg.grpo_steps, "full": True,
-            "batch_size": cfg.batch_size, "warmup_steps": cfg.warmup_steps, "num_generations": cfg.num_generations, "lr": cfg.lr, "schedule": cfg.schedule, "beta": cfg.beta,
-            "gamma": cfg.gamma, "ignore_ties": True, "entropy_coef": cfg.entropy_coef, "entropy_vocab": "12345", "max_new_tokens": cfg.max_new_tokens,
-            "credit": "sequence" if ablation else "attribute", "weights": (0, 0, 0, 0, 1.0) if ablation else None,
-            "save_every": 100, "keep": 1, "eval_every": cfg.eval_every, "model": "demo"}
+    gcfg = grpo.Config(out=str(out_dir), seed=cfg.seed, steps=cfg.grpo_steps, full=True, batch_size=cfg.batch_size,
+                       warmup_steps=cfg.warmup_steps, num_generations=cfg.num_generations, lr=cfg.lr, schedule=cfg.schedule,
+                       beta=cfg.beta, gamma=cfg.gamma, ignore_ties=True, entropy_coef=cfg.entropy_coef, entropy_vocab="12345",
+                       max_new_tokens=cfg.max_new_tokens, credit="sequence" if ablation else "attribute",
+                       weights=[0, 0, 0, 0, 1.0] if ablation else list(reward.DEFAULT_WEIGHTS),
+                       save_every=100, keep=1, eval_every=cfg.eval_every, model="demo")
     sampler = data.Sampler({"synthetic": demo.train}, cfg.batch_size, seed=cfg.seed)
     curve = []
 
@@ -211,9 +371,9 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
         m.train()
         return {a: round(result[a], 3) for a in ATTRIBUTES}
 
-    images_of = lambda records: demo.prompts(model, processor, demo.indices(records))  # noqa: E731
+    prompts_of = lambda records: demo.prompts(model, processor, demo.indices(records))  # noqa: E731
     torch.manual_seed(cfg.seed)
-    grpo.train(gcfg, model, processor, sampler, images_of, ref_model=ref,
+    grpo.train(gcfg, model, processor, sampler, prompts_of=prompts_of, ref_model=ref,
                aux_loss=family_aux_loss(processor, demo, cfg), eval_fn=eval_fn, log=log)
     return curve
 
@@ -263,9 +423,6 @@ def fit_processor(processor, side: int) -> None:
 
 def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: str) -> None:
     """OUT/heldout[_NAME].jsonl (evaluate.py's rows) and OUT/report[_NAME].html for the held-out images."""
-    import evaluate
-    import report
-
     rows = [evaluate.result_row(r, {**mgiqa.parse_answer(t), "strict": mgiqa.parse_answer(t, strict=True) is not None,
                                     "completion": t}, True) for r, t in zip(demo.heldout, texts)]
     suffix = "" if name == "final" else f"_{name}"
@@ -284,8 +441,6 @@ def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: st
 
 def main(args) -> int:
     """args: out, seed, ablation, threads (the command line's, or an argparse.Namespace with them)."""
-    import report
-
     out = Path(getattr(args, "out", None) or DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig(seed=args.seed)
@@ -302,8 +457,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     summary_path = out / "summary.json"
     summary = report.nan_for_null(json.loads(summary_path.read_text())) if summary_path.is_file() else {}
-    torch.manual_seed(cfg.seed)
-    model, processor = mgiqa.tiny_vlm(cfg.seed, "demo")
+    model, processor = mgiqa.load("demo", device="cpu", seed=cfg.seed)
     fit_processor(processor, cfg.image_size)
     rollouts.fast_vision(model)
     demo = Demo(cfg, processor, log)

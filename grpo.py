@@ -1,186 +1,398 @@
-"""GRPO for MG-IQA, written by hand: the configuration, the training loop, model building and the CLI.
-One step (rollouts, reward, advantages, loss) is step.py; checkpoints checkpoint.py; several
-processes parallel.py; the method and its equations docs/METHOD.md.
+"""GRPO for MG-IQA, written by hand (docs/METHOD.md, section 3): the configuration, the loss, one step
+(`grpo_step`), the training loop, checkpoints and resume, and the training command line.
 
     python grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data kadid=/data/kadid10k koniq=/data/koniq10k \
         --out runs/mgiqa --steps 2000                                   # LoRA on one GPU
     torchrun --nproc_per_node 8 grpo.py --model ... --data ... --out runs/mgiqa         # LoRA, DDP
     torchrun --nproc_per_node 8 grpo.py --model ... --full --fsdp --data ... --out runs/full   # all weights, FSDP2
     python grpo.py --resume runs/mgiqa                                  # continue exactly where it stopped
+    python grpo.py --model tiny-qwen2.5-vl --data synthetic=runs/synth --steps 4 --out runs/try   # CPU, seconds
 
 A run writes in --out: config.json, split-<name>.csv per dataset, log.jsonl (one line a step),
-checkpoint-STEP/ (the last --keep), and final/ at the end: the LoRA adapter in PEFT's layout, or
-with --full a plain transformers checkpoint (fp32 master weights) that evaluate.py and
-from_pretrained open. --merge DIR also writes LoRA folded into the base weights.
+checkpoint-STEP/ (the last --keep), and final/: the LoRA adapter in PEFT's layout, or with --full a
+plain transformers checkpoint (fp32 master weights). --merge DIR also writes LoRA folded into the base.
 
-Departures from VisualQuality-R1 (each off by default unless stated):
-1. LoRA by default (lora.py; VisualQuality-R1 fine-tunes all weights; `--full` does that), reference policy =
-   the same model with adapters disabled, LoRA dropout 0 (so rho = 1 exactly with one iteration).
-2. Rollouts and the training forward share the prompt (rollouts.py): the vision tower and the prompt
-   prefill run once per image, not K times (the same numbers as repeating; `--straightforward` repeats).
-3. `--credit attribute`: each attribute's score tokens take that attribute's own group advantage,
-   every other token the unnormalised format advantage F - mean_k F (default `sequence`: one
-   advantage per completion, as VisualQuality-R1).
-4. `--ignore-ties`: tied-label pairs left out of the fidelity mean (default: counted at P = 0.5).
-5. `--entropy-coef`: an entropy bonus on the score tokens (default 0), over the distribution
-   renormalised on the digit tokens (`--entropy-vocab`).
-6. An auxiliary loss hook (`train(..., aux_loss=...)`), used by the demo only; it never sees quality labels.
-7. Special tokens (<|image_pad|> ...) are masked out of sampling and of the training log-softmax.
-8. Images are capped at 1,003,520 pixels (`--max-pixels`); Qwen's processors allow 12.8 MP.
+Where this departs from VisualQuality-R1 (LoRA by default, the shared prefix, the options that are off
+by default, fp32 trainable state): docs/METHOD.md, section 7, numbered.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import json
 import math
+import os
 import random
+import re
+import shutil
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import checkpoint
 import data
+import distributed
 import evaluate
 import lora
 import mgiqa
-import parallel
+import reward
 import rollouts
-import step
-from step import compute_dtype, precision
+from mgiqa import ATTRIBUTES
 
-DEFAULTS = dict(
+
+# ----------------------------------------------------------------------------- configuration
+
+def option(default, group: str, help: str, **argparse_kwargs):
+    """A Config field: its default, its command-line group and its help (the field's comment)."""
+    return field(default=default, metadata={"group": group, "help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    """Every setting of a run, with the paper's (VisualQuality-R1's) defaults unless marked ours. The
+    command line is built from these fields (build_parser); config.json holds them."""
     # model
-    model="tiny",            # checkpoint folder or hub id; "tiny" / "small": mgiqa.tiny_vlm, offline
-    full=False,              # fine-tune every weight (VisualQuality-R1) instead of LoRA
-    fsdp=False,              # shard weights, gradients and AdamW states over the ranks (FSDP2; with --full)
-    lora_rank=64, lora_alpha=128,  # LoRA r and alpha (scale alpha / r = 2)
-    lora_dropout=0.0,        # 0: with one iteration per batch the ratio rho is exactly 1
-    lora_vision=False,       # also put adapters on the vision tower
-    dtype="auto",            # compute dtype: auto = bf16 on CUDA, fp32 on CPU; trainable state is always fp32
-    device="auto",
-    gradient_checkpointing=False,
-    max_pixels=mgiqa.DEFAULT_MAX_PIXELS,  # 1280 x 28 x 28: at most 1,280 image tokens per image
+    model: str = option("tiny", "model", "checkpoint folder or hub id; offline test models: " + ", ".join(mgiqa.TINY_MODELS))
+    full: bool = option(False, "model", "fine-tune every weight (VisualQuality-R1) instead of LoRA (ours)")
+    fsdp: bool = option(False, "model", "with --full under torchrun: shard weights, gradients and AdamW states (FSDP2)")
+    lora_rank: int = option(64, "model", "LoRA rank r")
+    lora_alpha: float = option(128.0, "model", "LoRA alpha; the adapter's scale is alpha / r")
+    lora_dropout: float = option(0.0, "model", "LoRA dropout; 0 keeps rho = 1 exactly with one iteration")
+    lora_vision: bool = option(False, "model", "also put adapters on the vision tower (else it stays frozen)")
+    dtype: str = option("auto", "model", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32; "
+                                         "trainable state is fp32 always")
+    device: str = option("auto", "model", "auto, cpu, cuda, cuda:1 (torchrun sets each rank's)")
+    gradient_checkpointing: bool = option(False, "model", "recompute activations in backward (less memory)")
+    max_pixels: int = option(0, "model", "pixel cap per image; 0: 1,280 image tokens in the family's units "
+                                         "(Qwen2.5-VL 1,003,520 px of 28 px tokens; Qwen3-VL 1,310,720 px of 32 px)")
     # data
-    data=[],                 # NAME=ROOT per training dataset (data.READERS)
-    batch_size=8,            # B images per step and rank, all from one dataset (VisualQuality-R1: 8 per GPU)
-    alpha=0.5,               # a dataset is drawn with probability ~ n^alpha
-    seed=0,
+    data: list = option((), "data", "NAME=ROOT[,FILE][,KEY=VALUE] per training dataset (data.py)", nargs="*")
+    batch_size: int = option(8, "data", "B images per step and rank, all from one dataset (VisualQuality-R1: 8 per GPU)",
+                             short="-B")
+    alpha: float = option(0.5, "data", "a dataset is drawn with probability ~ n^alpha (ours)")
+    seed: int = option(0, "data", "seed of weights, splits, sampler and rollouts")
     # rollouts
-    num_generations=6,       # K rollouts per image (VisualQuality-R1: 6)
-    temperature=1.0, top_p=1.0,
-    max_new_tokens=256,      # VisualQuality-R1: 256
-    thinking=True,           # <think> reasoning before the answer; False: the answer only
-    straightforward=False,   # repeat each prompt K times instead of sharing its prefill (reference path)
-    force_length=False,      # never stop at EOS (timing: every completion max_new_tokens long)
+    num_generations: int = option(6, "rollouts", "K rollouts per image (VisualQuality-R1: 6)", short="-K")
+    temperature: float = option(1.0, "rollouts", "sampling temperature")
+    top_p: float = option(1.0, "rollouts", "nucleus sampling (1: off)")
+    max_new_tokens: int = option(256, "rollouts", "longest completion (VisualQuality-R1: 256)")
+    thinking: bool = option(True, "rollouts", "reason in <think> before the answer (--no-thinking: answer only)")
+    shared_prefix: bool = option(True, "rollouts", "vision tower and prompt once per image, not K times "
+                                                   "(same numbers; --no-shared-prefix: the plain path)")
+    force_length: bool = option(False, "rollouts", "never stop at EOS (timing runs: every completion is max-new-tokens long)")
     # reward
-    w_format=1.0,            # weight of the strict-format reward
-    weights=None,            # sharpness color noise composition overall; None = (.25, .25, .25, .25, 1)
-    gamma=1e-6,              # added to the variance sum in the Thurstone probability
-    ignore_ties=False,       # leave tied-label pairs out of the fidelity mean
-    credit="sequence",       # sequence: one advantage per completion; attribute: per score token
-    entropy_coef=0.0,        # entropy bonus on score tokens
-    entropy_vocab="0123456789",  # the tokens that bonus's distribution is renormalised over
+    w_format: float = option(1.0, "reward", "weight of the strict-format reward")
+    weights: list = option(tuple(reward.DEFAULT_WEIGHTS), "reward", "weights of sharpness color noise composition overall",
+                           nargs=5, metavar="W")
+    gamma: float = option(1e-6, "reward", "added to the variance sum in the Thurstone probability")
+    ignore_ties: bool = option(False, "reward", "leave tied-label pairs out of the fidelity mean (ours)")
+    credit: str = option("sequence", "reward", "sequence: one advantage per completion; attribute: each score "
+                                               "token its attribute's advantage (ours)", choices=("sequence", "attribute"))
+    entropy_coef: float = option(0.0, "reward", "entropy bonus on the score tokens (ours)")
+    entropy_vocab: str = option("0123456789", "reward", "characters whose tokens the entropy bonus is renormalised over")
     # loss
-    beta=0.04,               # k3 KL coefficient (VisualQuality-R1: 0.04)
-    epsilon=0.2, epsilon_high=0.2,  # clip range of rho
-    loss_type="grpo",        # grpo / bnpo / dr_grpo aggregation over tokens
-    num_iterations=1,        # updates per batch of rollouts (rho = 1 on the first)
+    beta: float = option(0.04, "loss", "k3 KL coefficient (VisualQuality-R1: 0.04)")
+    epsilon: float = option(0.2, "loss", "lower clip range of rho")
+    epsilon_high: float = option(0.2, "loss", "upper clip range of rho")
+    loss_type: str = option("grpo", "loss", "token aggregation", choices=("grpo", "bnpo", "dr_grpo"))
+    num_iterations: int = option(1, "loss", "updates per batch of rollouts (rho = 1 on the first)")
     # optimisation
-    lr=None,                 # None: 1e-5 for LoRA (the README recipe), 1e-6 for --full (VisualQuality-R1)
-    weight_decay=0.0, warmup_steps=0, schedule="constant",  # schedule: constant or cosine to 0
-    grad_clip=1.0,
-    micro_batch=0,           # images per forward/backward (0: all B); gradients equal the full batch's
+    lr: float = option(None, "optimisation", "AdamW learning rate (default: 1e-5 LoRA, 1e-6 --full)", type=float)
+    weight_decay: float = option(0.0, "optimisation", "AdamW weight decay")
+    warmup_steps: int = option(0, "optimisation", "linear learning-rate warm-up steps")
+    schedule: str = option("constant", "optimisation", "learning rate after warm-up", choices=("constant", "cosine"))
+    grad_clip: float = option(1.0, "optimisation", "gradient norm clip")
+    micro_batch: int = option(0, "optimisation", "images per forward/backward (0: all B); gradients equal the full batch's")
     # run
-    out="runs/mgiqa", steps=1000,
-    save_every=100, keep=2,  # checkpoint every N steps; keep the last `keep`
-    eval_every=0, eval_limit=200,  # held-out evaluation every N steps on a stratified subset of this size
-)
+    out: str = option("runs/mgiqa", "run", "run directory (checkpoints, log.jsonl, final/)")
+    steps: int = option(1000, "run", "training steps")
+    save_every: int = option(100, "run", "checkpoint every N steps")
+    keep: int = option(2, "run", "checkpoints kept")
+    eval_every: int = option(0, "run", "held-out evaluation every N steps (0: never)")
+    eval_limit: int = option(200, "run", "images in that evaluation, a stratified subset of every dataset")
+
+    def __post_init__(self):
+        self.data = list(self.data or [])
+        self.weights = [float(w) for w in self.weights]
+        if self.lr is None:
+            self.lr = 1e-6 if self.full else 1e-5  # full: VisualQuality-R1; LoRA: ours
 
 
-def default_lr(cfg) -> float:
-    return cfg["lr"] if cfg["lr"] is not None else (1e-6 if cfg["full"] else 1e-5)
-
-
-def lr_lambda(cfg):
-    def f(i):
-        if i < cfg["warmup_steps"]:
-            return (i + 1) / cfg["warmup_steps"]
-        if cfg["schedule"] == "cosine":
-            progress = (i - cfg["warmup_steps"]) / max(1, cfg["steps"] - cfg["warmup_steps"])
+def lr_lambda(cfg: Config):
+    def factor(i):
+        if i < cfg.warmup_steps:
+            return (i + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            progress = (i - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
-    return f
+    return factor
 
 
-def process_seed(seed: int, rank: int) -> int:
-    """Each rank's sampling stream (batches and rollouts) differs; weights start identical."""
-    return seed * 1000 + rank
+def compute_dtype(cfg: Config, device) -> torch.dtype:
+    """--dtype auto: bf16 on CUDA, fp32 on the CPU."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
 
 
-def format_line(i, s) -> str:
-    attrs = " ".join(f"{a[:4]} {r:.3f}" for a, r in zip(mgiqa.ATTRIBUTES, s["reward_attr"]))
+def precision(cfg: Config, model):
+    """bf16 compute over --full's fp32 master weights (autocast); LoRA's base is already in the compute
+    dtype, and FSDP2 casts on its own."""
+    device = next(model.parameters()).device
+    dtype = compute_dtype(cfg, device)
+    if cfg.full and not cfg.fsdp and dtype != torch.float32:
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the loss, one formula each
+
+def k3_kl(logp, ref_logp):
+    """k3 estimator of KL(pi || ref) per token, >= 0 (Schulman, "Approximating KL divergence")."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp, old_logp, advantages, eps_low=0.2, eps_high=0.2):
+    """-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) per token; also which tokens were clipped."""
+    rho = torch.exp(logp - old_logp)
+    unclipped, clipped = rho * advantages, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * advantages
+    return -torch.min(unclipped, clipped), (clipped < unclipped)
+
+
+def aggregate(per_token, mask, mode="grpo", max_len=None, rows=None, tokens=None):
+    """grpo: mean over each sequence's tokens, then over sequences; bnpo: mean over all tokens of the
+    batch; dr_grpo: sum / (rows * max completion length). rows / tokens: the whole batch's counts when
+    per_token holds one micro-batch of it, so that micro-batches add up to the full batch."""
+    mask = mask.to(per_token.dtype)
+    rows = per_token.shape[0] if rows is None else rows
+    if mode == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / rows
+    if mode == "bnpo":
+        return (per_token * mask).sum() / (mask.sum() if tokens is None else tokens).clamp(min=1)
+    if mode == "dr_grpo":
+        return (per_token * mask).sum() / (rows * (max_len or per_token.shape[1]))
+    raise ValueError(f"unknown loss aggregation {mode!r} (grpo, bnpo, dr_grpo)")
+
+
+# ----------------------------------------------------------------------------- one step
+
+@dataclass
+class Tokens:
+    """The token ids a step needs, resolved once through the run's tokenizer."""
+    eos: list[int]                    # completion ends (the model's EOS and <|im_end|>)
+    pad: int                          # after the EOS
+    banned: torch.Tensor              # (V,) bool: special tokens never sampled nor in the log-softmax
+    entropy: torch.Tensor | None      # ids the entropy bonus is renormalised over, None without the bonus
+
+    @classmethod
+    def resolve(cls, cfg: Config, model, processor) -> Tokens:
+        device, V = next(model.parameters()).device, model.get_output_embeddings().out_features
+        banned = torch.zeros(V, dtype=torch.bool, device=device)
+        banned[mgiqa.banned_token_ids(processor, V)] = True
+        entropy = mgiqa.token_ids(processor, list(cfg.entropy_vocab)) if cfg.entropy_coef > 0 else None
+        return cls(mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id, banned,
+                   None if entropy is None else torch.tensor(entropy, device=device))
+
+
+def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens: Tokens, *, ref=None, aux_loss=None,
+              reward_fn=reward.mg_reward) -> dict:
+    """One GRPO step on one domain-pure batch of B images; the numbers follow docs/METHOD.md, section 3."""
+    model, K, B, clock = distributed.unwrap(policy), cfg.num_generations, prompts.input_ids.shape[0], Phases()
+    # (1) sample K completions per image (rows image-major), weights gathered once under FSDP2
+    model.eval()
+    with torch.no_grad(), distributed.gathered(policy), precision(cfg, model):
+        ids = distributed.policy_of(policy).sample(prompts, K=K, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
+                                                   pad_id=tokens.pad, banned=tokens.banned, temperature=cfg.temperature,
+                                                   top_p=cfg.top_p, force_length=cfg.force_length)          # (B*K, T)
+    mask, completions = rollouts.completion_mask(ids, tokens.eos), mgiqa.decode_completions(processor, ids, tokens.eos)
+    clock.end("rollout")
+    # (2) parse and reward: R = w_format F + sum_a w_a r_a, one fidelity reward per attribute
+    rewards = reward_fn(completions, batch["P"], batch["M"], weights=cfg.weights, w_format=cfg.w_format,
+                        thinking=cfg.thinking, gamma=cfg.gamma, ignore_ties=cfg.ignore_ties)
+    # (3) advantages, per token: the completion's, or each score token its own attribute's (--credit attribute)
+    marked = cfg.credit == "attribute" or cfg.entropy_coef > 0
+    attr = reward.score_token_attributes(processor.tokenizer, ids, mask) if marked else torch.full_like(ids, -1)
+    adv = reward.token_advantages(rewards, attr, credit=cfg.credit)                                     # (B*K, T)
+    clock.end("reward")
+    # (4) log-probs of the reference (beta k3) and, for later iterations, of the policy that sampled
+    model.train()
+    micro = cfg.micro_batch or B  # images per forward; an image's K rows stay together
+    groups = [list(range(s * K, min(B, s + micro) * K)) for s in range(0, B, micro)]
+    logprobs = lambda engine, rows, entropy=None: engine(  # noqa: E731  (rows[::K]: each image's first row)
+        rollouts.select(prompts, [r // K for r in rows[::K]]), ids[rows], mask[rows], K=K, temperature=cfg.temperature,
+        banned=tokens.banned, entropy_ids=entropy)
+    with torch.no_grad(), precision(cfg, model):
+        ref_lp = reference_logprobs(cfg, policy, ref, groups, logprobs)
+        old_lp = torch.cat([logprobs(distributed.for_inference(policy), g)[0] for g in groups]) if cfg.num_iterations > 1 else None
+    clock.end("reference")
+    # (5) clipped surrogate + beta k3, aggregated; backward per micro-batch; clip the gradient; AdamW
+    n_tokens, score_tokens = mask.sum(), (attr >= 0).float()
+    stats = dict.fromkeys(("loss", "kl", "clip", "entropy", "grad_norm"), 0.0)
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for g, rows in enumerate(groups):
+            with distributed.no_sync(policy, last=g == len(groups) - 1), precision(cfg, model):
+                logp, ent = logprobs(policy, rows, tokens.entropy)
+                old = logp.detach() if old_lp is None else old_lp[rows]
+                per_token, clipped = clipped_surrogate(logp, old, adv[rows], cfg.epsilon, cfg.epsilon_high)
+                kl = k3_kl(logp, ref_lp[rows]) if ref_lp is not None else torch.zeros_like(logp)
+                loss = aggregate(per_token + cfg.beta * kl, mask[rows], cfg.loss_type, cfg.max_new_tokens, B * K, n_tokens)
+                bonus = (ent * score_tokens[rows]).sum() / score_tokens.sum().clamp(min=1) if ent is not None else 0.0
+                (loss - cfg.entropy_coef * bonus).backward()
+            for key, value in (("loss", loss), ("entropy", bonus), ("kl", (kl * mask[rows]).sum() / n_tokens.clamp(min=1)),
+                               ("clip", (clipped.float() * mask[rows]).sum() / n_tokens.clamp(min=1))):
+                stats[key] += float(value.detach() if torch.is_tensor(value) else value) / cfg.num_iterations  # per update
+        if aux_loss is not None:  # the demo's label-free auxiliary loss (docs/METHOD.md, section 7)
+            aux = aux_loss(model)
+            aux.backward()
+            stats["aux"] = aux.item()
+        norm = torch.nn.utils.clip_grad_norm_([q for q in policy.parameters() if q.requires_grad], cfg.grad_clip)
+        stats["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / cfg.num_iterations
+        optimizer.step()
+    clock.end("update")
+    return step_figures(rewards, batch, mask, completions, prompts, model) | stats | clock.figures()
+
+
+class Phases:
+    """Seconds, and on CUDA the peak memory, of each phase of a step (the peak counter is reset at each end)."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.start, self.seen = time.perf_counter(), {}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def end(self, name: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seen[name] = {"s": now - self.start}
+        if self.cuda:
+            self.seen[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+
+    def figures(self) -> dict:
+        s = {name: v["s"] for name, v in self.seen.items()}
+        return {"phases": self.seen, "gen_s": s.get("rollout", 0.0), "reward_s": s.get("reward", 0.0),
+                "update_s": s.get("reference", 0.0) + s.get("update", 0.0)}
+
+
+def reference_logprobs(cfg: Config, policy, ref, groups, logprobs):
+    """Log-probs of the reference policy (for beta k3): the frozen copy (--full), or the same model
+    with its adapters switched off (LoRA: no second copy); None when beta = 0."""
+    if cfg.beta <= 0:
+        return None
+    if ref is not None:
+        return torch.cat([logprobs(ref, g)[0] for g in groups])
+    with lora.adapters_disabled(distributed.unwrap(policy)):
+        return torch.cat([logprobs(distributed.for_inference(policy), g)[0] for g in groups])
+
+
+def step_figures(rewards, batch, mask, completions, prompts, model) -> dict:
+    """What a step logs besides the loss: rewards, parse rate, length, within-batch SRCC, token counts."""
+    labels = batch.get("labels")
+    nan = [float("nan")] * len(ATTRIBUTES)
+    merge = getattr(model.config.vision_config, "spatial_merge_size", 2)
+    return {"reward": rewards["total"].mean().item(), "reward_attr": rewards["per_attribute"].mean((0, 1)).tolist(),
+            "format": rewards["format"].mean().item(), "length": mask.sum(1).float().mean().item(),
+            "srcc": within_batch_srcc(rewards["scores"].cpu(), labels.cpu()) if labels is not None else nan,
+            "completions": completions[:2], "prompt_tokens": int(prompts.input_ids.shape[1]),
+            "image_tokens": int(prompts.image_grid_thw.prod(-1).sum()) // merge ** 2}
+
+
+def within_batch_srcc(scores, labels) -> list[float]:
+    """Per attribute, SRCC of the mean rollout score (B, K, A) against the labels (B, A); NaN where
+    fewer than 3 images have both."""
+    out = []
+    for a in range(len(ATTRIBUTES)):
+        s, y = scores[:, :, a].numpy(), labels[:, a].numpy()
+        valid = ~np.isnan(s)
+        x = np.where(valid.any(1), np.where(valid, s, 0).sum(1) / np.maximum(valid.sum(1), 1), np.nan)
+        ok = ~(np.isnan(x) | np.isnan(y))
+        out.append(float(evaluate.srcc(x[ok], y[ok])) if ok.sum() >= 3 else float("nan"))
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def to_device(batch: dict, device) -> dict:
+    """The one place where a batch (its preferences and labels) meets the model's device."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def format_line(i: int, s: dict) -> str:
+    attrs = " ".join(f"{a[:4]} {r:.3f}" for a, r in zip(ATTRIBUTES, s["reward_attr"]))
     srcc = " ".join(f"{x:+.2f}" for x in s["srcc"])
     return (f"step {i:5d} | reward {s['reward']:.3f} ({attrs}) | format {s['format']:.2f} | srcc {srcc} | "
             f"kl {s['kl']:.4f} clip {s['clip']:.3f} | len {s['length']:.1f} | "
             f"gen {s['gen_s']:.2f}s reward {s['reward_s']:.2f}s update {s['update_s']:.2f}s")
 
 
-def _json(obj) -> str:
-    return json.dumps(mgiqa.json_safe(obj), allow_nan=False, default=str)  # NaN -> null: strict JSON readers open it
-
-
-def train(cfg, model, processor, sampler, images_of=None, ref_model=None, aux_loss=None, eval_fn=None, log=print,
-          reward_fn=None):
-    """The loop: resume from the newest checkpoint in cfg["out"] if there is one, then step until
-    cfg["steps"], checkpointing every cfg["save_every"] steps; at the end final/ (checkpoint.export).
-    images_of(records) -> images (paths or PIL) or encoded Prompts; eval_fn(model, step) -> dict,
-    run on rank 0 while the others wait; reward_fn: reward.mg_reward unless given. Returns the history."""
-    run_dir, rank = Path(cfg["out"]), parallel.rank()
-    dtype = compute_dtype(cfg, next(model.parameters()).device)
-    policy = parallel.wrap(model, cfg["fsdp"], dtype)
-    ref = parallel.wrap(ref_model, cfg["fsdp"], dtype) if ref_model is not None else None
-    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=default_lr(cfg),
-                                  weight_decay=cfg["weight_decay"])
+def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=None, aux_loss=None, eval_fn=None,
+          log=print, reward_fn=None) -> list[dict]:
+    """Resume from the newest checkpoint in cfg.out if there is one, then step until cfg.steps,
+    checkpointing every cfg.save_every steps; at the end final/ (export). prompts_of(records) ->
+    rollouts.Prompts (default: the records' image files through the processor); eval_fn(model, step)
+    -> dict runs on rank 0 while the others wait; reward_fn defaults to reward.mg_reward. Returns the
+    logged figures of each step."""
+    run_dir, rank = Path(cfg.out), distributed.rank()
+    device = next(model.parameters()).device
+    policy = distributed.wrap(model, cfg.fsdp, compute_dtype(cfg, device), cfg.shared_prefix)
+    ref = distributed.wrap(ref_model, cfg.fsdp, compute_dtype(cfg, device), cfg.shared_prefix) if ref_model is not None else None
+    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    i = 0
-    if checkpoint.checkpoints(run_dir):
-        latest = run_dir / f"checkpoint-{checkpoint.checkpoints(run_dir)[-1]}"
-        i = checkpoint.load(latest, policy, optimizer, scheduler, sampler)
+    tokens, i = Tokens.resolve(cfg, model, processor), 0
+    if checkpoints(run_dir):
+        latest = run_dir / f"checkpoint-{checkpoints(run_dir)[-1]}"
+        i = load_checkpoint(latest, policy, optimizer, scheduler, sampler)
         if rank == 0:
             log(f"resumed from {latest} at step {i}")
             _truncate_log(run_dir / "log.jsonl", i)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    images_of = images_of or (lambda records: [r.image for r in records])
-    history = []
-    while i < cfg["steps"]:
-        batch = sampler.sample()
-        stats = step.grpo_step(cfg, policy, processor, batch, images_of(batch["records"]), reward_fn, ref,
-                                           aux_loss, optimizer)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    text = mgiqa.prompt_text(processor, cfg.thinking)
+    prompts_of = prompts_of or (lambda records: rollouts.encode_prompts(model, processor, [r.image for r in records], text))
+    history, saved = [], {}
+    while i < cfg.steps:
+        batch = to_device(sampler.sample(), device)
+        prompts = rollouts.to_device(prompts_of(batch["records"]), device)
+        stats = grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens, ref=ref, aux_loss=aux_loss,
+                          reward_fn=reward_fn or reward.mg_reward)
         scheduler.step()
         i += 1
         stats.update(step=i, dataset=batch["dataset"], lr=scheduler.get_last_lr()[0])
-        if torch.cuda.is_available() and torch.cuda.is_initialized():  # this step's peak, this rank's GPU
-            stats["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
-        if eval_fn is not None and cfg["eval_every"] and (i % cfg["eval_every"] == 0 or i == cfg["steps"]):
+        if eval_fn is not None and cfg.eval_every and (i % cfg.eval_every == 0 or i == cfg.steps):
             if rank == 0:
                 with torch.no_grad(), precision(cfg, model):
                     stats["eval"] = eval_fn(model, i)
-            parallel.barrier()
-        if rank == 0:
+            distributed.barrier()
+        stats["phases"] |= saved  # the previous checkpoint's write, if there was one since the last line
+        if rank == 0:  # the line is on disk before the checkpoint: a crash while saving loses no step's line
             log(format_line(i, stats) + (f" | eval {_json(stats['eval'])}" if "eval" in stats else ""))
             with open(run_dir / "log.jsonl", "a") as f:
                 f.write(_json(stats) + "\n")
-        if cfg["save_every"] and (i % cfg["save_every"] == 0 or i == cfg["steps"]):
-            checkpoint.save(run_dir, i, policy, optimizer, scheduler, sampler, cfg, cfg["keep"])
+        saved = {}
+        if cfg.save_every and (i % cfg.save_every == 0 or i == cfg.steps):
+            clock = Phases()
+            save_checkpoint(run_dir, i, policy, optimizer, scheduler, sampler, cfg)
+            clock.end("save")
+            saved = {"save_previous": clock.seen["save"]}
         history.append(stats)
-    checkpoint.export(policy, processor, run_dir / "final", cfg)
+    export(policy, processor, run_dir / "final", cfg)
     return history
+
+
+def _json(obj) -> str:
+    return json.dumps(mgiqa.json_safe(obj), allow_nan=False, default=str)  # NaN -> null: strict JSON readers open it
 
 
 def _truncate_log(path: Path, i: int) -> None:
@@ -190,58 +402,200 @@ def _truncate_log(path: Path, i: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def build_model(cfg):
-    """(model, processor, reference model or None): LoRA (fp32 adapters on a base in the compute
-    dtype) or --full (fp32 master weights, a frozen copy in the compute dtype as reference unless beta = 0)."""
-    device = mgiqa._resolve_device(cfg["device"])
-    dtype = compute_dtype(cfg, device)
-    weights = torch.float32 if cfg["full"] else dtype
-    if cfg["model"] in mgiqa.SIZES:
-        model, processor = mgiqa.tiny_vlm(cfg["seed"], cfg["model"])
-        mgiqa.cap_pixels(processor.image_processor, cfg["max_pixels"])
-        model = model.to(device=device, dtype=weights)
+# ----------------------------------------------------------------------------- checkpoints and resume
+# runs/x/checkpoint-STEP/: adapter/ (LoRA, PEFT layout) or trainable.safetensors (--full) or sharded/
+# (--fsdp, torch.distributed.checkpoint); trainer_state.pt (step, optimizer, schedule, config, world
+# size); rank-R.pt (rank R's sampler and RNG states). Written under checkpoint-STEP.tmp and renamed by
+# rank 0 once every rank has written its part, so a crash mid-write leaves the previous one whole.
+# Read back with map_location="cpu" and weights_only=True: a checkpoint is data, never code.
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (torch.cuda.set_device was called)
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Trainable weights on the CPU (an unsharded model)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpoints(run_dir) -> list[int]:
+    """Steps of the complete checkpoints in a run directory (partial *.tmp ones are ignored)."""
+    return sorted(int(m.group(1)) for d in Path(run_dir).glob("checkpoint-*")
+                  if (m := re.fullmatch(r"checkpoint-(\d+)", d.name)) and (d / "trainer_state.pt").is_file())
+
+
+def save_checkpoint(run_dir, step, policy, optimizer, scheduler, sampler, cfg: Config) -> Path:
+    """Every rank calls this; each writes its part, rank 0 the shared files and the rename."""
+    from safetensors.torch import save_file
+
+    rank, world = distributed.rank(), distributed.world_size()
+    run_dir = Path(run_dir)
+    final, tmp = run_dir / f"checkpoint-{step}", run_dir / f"checkpoint-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    model = distributed.unwrap(policy)
+    state = {"step": step, "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg), "world_size": world}
+    if cfg.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(policy, optimizer)  # this rank's shards
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "sharded"))
+    elif rank == 0:  # DDP ranks hold identical weights and optimizer states
+        state["optimizer"] = optimizer.state_dict()
+        if cfg.full:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        else:
+            lora.save_adapter(model, tmp / "adapter", cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+    torch.save({"sampler": sampler.state_dict(), "rng": rng_state()}, tmp / f"rank-{rank}.pt")
+    if rank == 0:
+        torch.save(state, tmp / "trainer_state.pt")
+    distributed.barrier()  # every rank's files are on disk before the rename makes the checkpoint count
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-cfg.keep]:
+            shutil.rmtree(run_dir / f"checkpoint-{old}", ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def load_checkpoint(path, policy, optimizer, scheduler, sampler) -> int:
+    """Restore a checkpoint written by save_checkpoint on the same world size; returns its step."""
+    from safetensors.torch import load_file
+
+    path, rank = Path(path), distributed.rank()
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if state["world_size"] != distributed.world_size():
+        raise ValueError(f"{path}: written by {state['world_size']} processes, this run has {distributed.world_size()}; "
+                         "resume with the same --nproc_per_node")
+    own = path / f"rank-{rank}.pt"
+    if not own.is_file():
+        raise FileNotFoundError(f"{own}: missing, so rank {rank}'s sampler and RNG states cannot be restored")
+    mine = torch.load(own, map_location="cpu", weights_only=True)
+    model = distributed.unwrap(policy)
+    if state["config"]["fsdp"]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(policy, optimizer)
+        shards = {"model": msd, "optimizer": osd}
+        dcp.load(shards, checkpoint_id=str(path / "sharded"))
+        set_state_dict(policy, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     else:
-        model, processor = mgiqa.load(cfg["model"], str(device), str(weights).removeprefix("torch."), max_pixels=cfg["max_pixels"])
+        if (path / "trainable.safetensors").is_file():
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in load_file(str(path / "trainable.safetensors")).items():
+                    params[name].copy_(value)
+        else:
+            lora.load_adapter_weights(model, path / "adapter")
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(mine["sampler"])
+    set_rng_state(mine["rng"])
+    return int(state["step"])
+
+
+def export(policy, processor, out, cfg: Config) -> Path:
+    """The end of a run, in `out`: the LoRA adapter, or (--full) a plain transformers checkpoint of all
+    weights, gathered onto rank 0 under --fsdp, saved with a generation config that holds only the
+    special-token ids (mgiqa.plain_generation_config), so no decoding setting travels with it."""
+    out, model = Path(out), distributed.unwrap(policy)
+    if not cfg.full:
+        if distributed.rank() == 0:
+            lora.save_adapter(model, out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+        distributed.barrier()
+        return out
+    state = distributed.full_state_dict(policy) if cfg.fsdp else None  # a collective: every rank calls it
+    if distributed.rank() == 0:
+        model.generation_config = mgiqa.plain_generation_config(model)
+        model.save_pretrained(out, state_dict=state)
+        processor.save_pretrained(out)
+    distributed.barrier()
+    return out
+
+
+def save_merged(model, processor, out) -> None:
+    """LoRA folded in (fp32 sum, cast once): a plain transformers checkpoint for mgiqa.load,
+    evaluate.py, from_pretrained and vLLM, with a clean generation config and the processor files."""
+    lora.merge_lora(model)
+    model.generation_config = mgiqa.plain_generation_config(model)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- model and data
+
+def build_model(cfg: Config):
+    """(model, processor, reference or None): LoRA (fp32 adapters on a base in the compute dtype; the
+    reference is the base, adapters off) or --full (fp32 master weights; a frozen copy in the compute
+    dtype as the reference unless beta = 0)."""
+    device = mgiqa.resolve_device(cfg.device)
+    dtype = compute_dtype(cfg, device)
+    model, processor = mgiqa.load(cfg.model, device=str(device), dtype=str(torch.float32 if cfg.full else dtype).removeprefix("torch."),
+                                  max_pixels=cfg.max_pixels, seed=cfg.seed)
     if model.config.model_type not in mgiqa.TRAINABLE_MODEL_TYPES:
-        raise ValueError(f"{cfg['model']}: grpo.py trains {', '.join(mgiqa.TRAINABLE_MODEL_TYPES)} models, not "
+        raise ValueError(f"{cfg.model}: grpo.py trains {', '.join(mgiqa.TRAINABLE_MODEL_TYPES)} models, not "
                          f"{model.config.model_type!r} (mgiqa.py and evaluate.py score it)")
-    if device.type == "cpu":
-        rollouts.fast_vision(model)  # exact and cheap on the CPU; on CUDA the stock attention kernels
-    if cfg["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rollouts.fast_vision(model)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing needs no input that requires grad; transformers' hook on every
+        # input embedding (the vision tower's patch embedding too) would send backward through a frozen tower
+        model.disable_input_require_grads()
         model.config.use_cache = True
     ref = None
-    if cfg["full"]:
-        if cfg["beta"] > 0:
+    if cfg.full:
+        if cfg.beta > 0:
             ref = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         model.requires_grad_(True)
     else:
-        lora.add_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], vision=cfg["lora_vision"])
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, vision=cfg.lora_vision)
     return model, processor, ref
 
 
-def load_data(cfg, rank=0):
-    """Training and held-out records from --data NAME=ROOT[,FILE][,KEY=VALUE] (data.parse_spec), one
-    training set per dataset the records name; each dataset's split is written to the run dir."""
+def load_data(cfg: Config, rank: int = 0):
+    """Training and held-out records from --data, one training set per dataset the records name; each
+    dataset's split is written to the run dir (atomically, by rank 0) and read back by every rank."""
     train_sets, heldout = {}, []
-    for spec in cfg["data"]:
+    loaded = []
+    for spec in cfg.data:
         try:
             name, root, opts = data.parse_spec(spec)
         except ValueError as err:
             raise SystemExit(f"error: --data: {err}") from None
         for dataset, records in _by_dataset(data.load_dataset(name, root, **opts)).items():
-            if dataset in train_sets:
+            if dataset in train_sets or dataset in dict(loaded):
                 raise SystemExit(f"error: --data {spec!r}: dataset {dataset!r} is given twice")
-            records = data.split_records(records, seed=cfg["seed"])
-            split_path = Path(cfg["out"]) / f"split-{dataset}.csv"
-            if split_path.is_file():  # a resumed or evaluated run keeps its images
-                records = data.apply_split(records, data.load_split(str(split_path)))
-            elif rank == 0:
-                split_path.parent.mkdir(parents=True, exist_ok=True)
-                data.save_split(records, str(split_path))
-            train_sets[dataset] = [r for r in records if r.split == "train"]
-            heldout += [r for r in records if r.split in ("val", "test")]
-    parallel.barrier()
+            loaded.append((dataset, data.split_records(records, seed=cfg.seed)))
+    for dataset, records in loaded:
+        split_path = Path(cfg.out) / f"split-{dataset}.csv"
+        if rank == 0 and not split_path.is_file():  # a resumed or evaluated run keeps its images
+            split_path.parent.mkdir(parents=True, exist_ok=True)
+            data.save_split(records, str(split_path) + ".tmp")
+            os.replace(str(split_path) + ".tmp", split_path)
+    distributed.barrier()  # rank 0's split files are whole before anyone reads them
+    for dataset, records in loaded:
+        records = data.apply_split(records, data.load_split(str(Path(cfg.out) / f"split-{dataset}.csv")))
+        train_sets[dataset] = [r for r in records if r.split == "train"]
+        heldout += [r for r in records if r.split in ("val", "test")]
     return train_sets, heldout
 
 
@@ -252,14 +606,14 @@ def _by_dataset(records) -> dict:
     return out
 
 
-def held_out_eval(cfg, processor, heldout):
+def held_out_eval(cfg: Config, processor, heldout):
     """eval_fn for train: held-out SRCC per dataset and attribute on a seeded, stratified subset, in eval mode."""
-    subset = data.stratified_subset(heldout, cfg["eval_limit"], cfg["seed"])
+    subset = data.stratified_subset(heldout, cfg.eval_limit, cfg.seed)
 
     def eval_fn(model, i):
         was_training = model.training
         model.eval()
-        rows = evaluate.evaluate_records(model, processor, subset, thinking=cfg["thinking"], max_new_tokens=cfg["max_new_tokens"])
+        rows = evaluate.evaluate_records(model, processor, subset, thinking=cfg.thinking, max_new_tokens=cfg.max_new_tokens)
         model.train(was_training)
         summary = evaluate.summarize(rows, subset)["datasets"]
         return {name: {"n": d["n"], "unparsed": d["parse_failures"], **{a: m["srcc"] for a, m in d["metrics"].items()}}
@@ -267,111 +621,78 @@ def held_out_eval(cfg, processor, heldout):
     return eval_fn
 
 
-def parse_args(argv=None):
-    d = DEFAULTS
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every Config field as a flag (its default, type and help), grouped; plus --resume, --merge, --threads."""
     ap = argparse.ArgumentParser(description="GRPO with the multi-dimensional Thurstone reward (MG-IQA).")
-    g = ap.add_argument_group("model")
-    g.add_argument("--model", default=d["model"], help="checkpoint folder or hub id; 'tiny' / 'small' for mgiqa.tiny_vlm")
-    g.add_argument("--full", action="store_true", help="fine-tune all weights (frozen reference copy) instead of LoRA")
-    g.add_argument("--fsdp", action="store_true", help="with --full, under torchrun: shard weights, gradients and AdamW states (FSDP2)")
-    g.add_argument("--lora-rank", type=int, default=d["lora_rank"], help="LoRA rank r")
-    g.add_argument("--lora-alpha", type=float, default=d["lora_alpha"], help="LoRA alpha (scale alpha / r)")
-    g.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="LoRA dropout (0 keeps rho = 1)")
-    g.add_argument("--lora-vision", action="store_true", help="also put adapters on the vision tower")
-    g.add_argument("--dtype", default=d["dtype"], help="compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
-    g.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:1 (torchrun sets each rank's)")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    g.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="pixel cap per image (default 1,003,520 = 1280 x 28 x 28)")
-    g = ap.add_argument_group("data")
-    g.add_argument("--data", nargs="*", default=d["data"], help="NAME=ROOT for each training dataset (data.py names)")
-    g.add_argument("--batch-size", "-B", type=int, default=d["batch_size"], help="images per step (per rank)")
-    g.add_argument("--alpha", type=float, default=d["alpha"], help="dataset drawn with probability ~ n^alpha")
-    g.add_argument("--seed", type=int, default=d["seed"], help="seed of weights, splits, sampler and rollouts")
-    g = ap.add_argument_group("rollouts")
-    g.add_argument("--num-generations", "-K", type=int, default=d["num_generations"], help="rollouts per image")
-    g.add_argument("--temperature", type=float, default=d["temperature"], help="sampling temperature")
-    g.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling (1: off)")
-    g.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="longest completion")
-    g.add_argument("--fast", dest="thinking", action="store_false", help="answer-only prompt (no reasoning)")
-    g.add_argument("--straightforward", action="store_true", help="repeat each prompt K times (the reference path)")
-    g.add_argument("--force-length", action="store_true", help="never stop at EOS (timing runs)")
-    g = ap.add_argument_group("reward")
-    g.add_argument("--w-format", type=float, default=d["w_format"], help="weight of the strict-format reward")
-    g.add_argument("--weights", type=float, nargs=5, default=d["weights"], metavar="W",
-                   help="weights of sharpness color noise composition overall (default .25 .25 .25 .25 1)")
-    g.add_argument("--gamma", type=float, default=d["gamma"], help="variance floor of the Thurstone probability")
-    g.add_argument("--ignore-ties", action="store_true", help="leave tied-label pairs out of the fidelity mean")
-    g.add_argument("--credit", choices=("sequence", "attribute"), default=d["credit"],
-                   help="sequence: one advantage per completion; attribute: each score token its attribute's")
-    g.add_argument("--entropy-coef", type=float, default=d["entropy_coef"], help="entropy bonus on score tokens")
-    g.add_argument("--entropy-vocab", default=d["entropy_vocab"], help="the tokens (characters) the entropy bonus is taken over")
-    g = ap.add_argument_group("loss")
-    g.add_argument("--beta", type=float, default=d["beta"], help="k3 KL coefficient")
-    g.add_argument("--epsilon", type=float, default=d["epsilon"], help="lower clip range of rho")
-    g.add_argument("--epsilon-high", type=float, default=d["epsilon_high"], help="upper clip range of rho")
-    g.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo"), default=d["loss_type"], help="token aggregation")
-    g.add_argument("--num-iterations", type=int, default=d["num_iterations"], help="updates per batch of rollouts")
-    g = ap.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate (default 1e-5 LoRA, 1e-6 --full)")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
-    g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="linear learning-rate warm-up steps")
-    g.add_argument("--schedule", choices=("constant", "cosine"), default=d["schedule"], help="learning rate after warm-up")
-    g.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="gradient norm clip")
-    g.add_argument("--micro-batch", type=int, default=d["micro_batch"], help="images per micro-batch (0: all)")
-    g = ap.add_argument_group("run")
-    g.add_argument("--steps", type=int, default=d["steps"], help="training steps")
-    g.add_argument("--out", default=d["out"], help="run directory (checkpoints, log.jsonl, final/)")
-    g.add_argument("--save-every", type=int, default=d["save_every"], help="checkpoint every N steps")
-    g.add_argument("--keep", type=int, default=d["keep"], help="checkpoints kept")
-    g.add_argument("--eval-every", type=int, default=d["eval_every"], help="held-out evaluation every N steps (0: never)")
-    g.add_argument("--eval-limit", type=int, default=d["eval_limit"], help="images in that evaluation, drawn from every dataset")
-    g.add_argument("--resume", default=None, help="run directory to continue (its config.json is used)")
-    g.add_argument("--merge", default=None, help="LoRA: after training, also write the merged transformers checkpoint here")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    return ap.parse_args(argv)
+    groups = {}
+    for f in dataclasses.fields(Config):
+        meta = dict(f.metadata)
+        name = meta.pop("group")
+        group = groups[name] if name in groups else groups.setdefault(name, ap.add_argument_group(name))
+        flags = ["--" + f.name.replace("_", "-"), *([meta.pop("short")] if "short" in meta else [])]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.type in ("bool", bool):
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=meta.pop("help"))
+        else:
+            kind = {"int": int, "float": float, "str": str, "list": float if f.name == "weights" else str}.get(f.type, str)
+            group.add_argument(*flags, default=default, type=meta.pop("type", kind), **meta)
+    run = groups["run"]
+    run.add_argument("--resume", default=None, help="run directory to continue (its config.json is used; --steps may extend it)")
+    run.add_argument("--merge", default=None, help="LoRA: after training, also write the merged transformers checkpoint here")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return ap
 
 
-def config(args) -> dict:
+def config_from_args(args) -> Config:
     """The run's settings: the flags, or with --resume the saved config.json (--steps may extend it)."""
-    cfg = {**DEFAULTS, **{k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}}
+    names = [f.name for f in dataclasses.fields(Config)]
+    cfg = Config(**{k: getattr(args, k) for k in names})
     if args.resume:
         saved = json.loads((Path(args.resume) / "config.json").read_text())
-        cfg = {**DEFAULTS, **saved, "out": args.resume,
-               "steps": max(saved["steps"], args.steps if args.steps != DEFAULTS["steps"] else 0)}
-    if not cfg["data"]:
+        default_steps = Config.__dataclass_fields__["steps"].default
+        saved.update(out=args.resume, steps=max(saved["steps"], args.steps if args.steps != default_steps else 0))
+        cfg = Config(**{k: v for k, v in saved.items() if k in names})
+    if not cfg.data:
         sys.exit("error: --data NAME=ROOT is required")
-    if cfg["fsdp"] and not cfg["full"]:
+    if cfg.fsdp and not cfg.full:
         sys.exit("error: --fsdp shards full fine-tuning (--full); LoRA runs use DDP under torchrun")
-    if cfg["fsdp"] and cfg["eval_every"]:
+    if cfg.fsdp and cfg.eval_every:
         sys.exit("error: --eval-every is not offered with --fsdp (rank 0 cannot score alone); run evaluate.py on final/")
-    if args.merge and cfg["full"]:
+    if args.merge and cfg.full:
         sys.exit("error: --merge folds LoRA adapters in; a --full run already writes final/ as a plain checkpoint")
     return cfg
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def process_seed(seed: int, rank: int) -> int:
+    """Each rank's sampling stream (batches and rollouts) differs; weights start identical."""
+    return seed * 1000 + rank
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = config(args)
-    device = parallel.init(cfg["fsdp"])
+    cfg = config_from_args(args)
+    device = distributed.init(cfg.fsdp)
     if device is not None:
-        cfg["device"] = device
-    rank = parallel.rank()
-    random.seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+        cfg.device = device
+    rank = distributed.rank()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, processor, ref = build_model(cfg)
-    torch.manual_seed(process_seed(cfg["seed"], rank))
+    torch.manual_seed(process_seed(cfg.seed, rank))
     train_sets, heldout = load_data(cfg, rank)
-    sampler = data.Sampler(train_sets, cfg["batch_size"], cfg["alpha"], seed=process_seed(cfg["seed"], rank))
-    eval_fn = held_out_eval(cfg, processor, heldout) if cfg["eval_every"] and heldout else None
+    sampler = data.Sampler(train_sets, cfg.batch_size, cfg.alpha, seed=process_seed(cfg.seed, rank))
+    eval_fn = held_out_eval(cfg, processor, heldout) if cfg.eval_every and heldout else None
     train(cfg, model, processor, sampler, ref_model=ref, eval_fn=eval_fn)
     if args.merge and rank == 0:
-        checkpoint.save_merged(model, processor, args.merge)
+        save_merged(model, processor, args.merge)
         print(f"merged checkpoint written to {args.merge}")
-    if parallel.is_distributed():
-        parallel.barrier()
+    if distributed.is_distributed():
+        distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

@@ -5,9 +5,10 @@ off, and the adapter saved in PEFT's file layout so that `peft`, `mgiqa.py --ada
 
 A new adapter is a no-op (B = 0). Defaults as the README's GPU recipe: rank 64, alpha 128, dropout 0
 (so with one update per batch rho = 1 exactly). VisualQuality-R1 fine-tunes every weight instead
-(`grpo.py --full`). A and B are fp32 whatever the base dtype (as PEFT): a bf16 adapter at lr 1e-5
-loses most of its updates to rounding. The forward computes the adapter path in fp32 and adds it to
-the base output in the base dtype; merging adds the delta in fp32 and casts once.
+(`grpo.py --full`). A and B are stored fp32 whatever the base dtype (as PEFT): a bf16 adapter at lr 1e-5
+loses most of its updates to rounding. The forward runs the adapter's matmuls in the compute dtype
+(bf16 on a GPU: fp32 activations would cost ~13 GB more for 7B and ~35% of matmul time), and the
+gradients reach the fp32 weights through the cast; merging adds the delta in fp32 and casts once.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
+VISION_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj", "linear_fc1", "linear_fc2")  # Qwen2.5-VL; Qwen3-VL
 
 
 class LoRALinear(nn.Module):
@@ -39,8 +40,8 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         out = self.base(x)
         if self.enabled:
-            delta = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t() * self.scale
-            out = out + delta.to(out.dtype)
+            dtype = out.dtype  # the compute dtype; the cast's backward brings fp32 gradients to A and B
+            out = out + (self.dropout(x).to(dtype) @ self.lora_A.to(dtype).t() @ self.lora_B.to(dtype).t()) * self.scale
         return out
 
 

@@ -1,15 +1,17 @@
-"""MG-IQA scorer: image and model loading, scoring, the command line. The prompt and the parser are
-prompt.py, the tiny offline model tiny.py (both re-exported here).
+"""MG-IQA's scorer (docs/METHOD.md, section 1): the attribute-aware prompt, strict and lenient parsing of
+the answer, image and model loading with the pixel cap, `score`, and the scoring command line.
 
-One vision-language model looks at an image and, in one generation, reasons about sharpness,
-color fidelity, noise and composition, then writes a score for each and an overall score
-(docs/METHOD.md; MG-IQA, arXiv 2604.09704, built on VisualQuality-R1, arXiv 2505.14460).
+One vision-language model looks at an image and, in one generation, reasons about sharpness, color
+fidelity, noise and composition, then writes a score for each and an overall score, as one JSON object
+whose keys run fine to coarse, so the overall score is generated after, and conditioned on, the
+attribute scores (MG-IQA, arXiv 2604.09704, built on VisualQuality-R1, arXiv 2505.14460).
 
     python mgiqa.py --model Qwen/Qwen2.5-VL-7B-Instruct photo.jpg other.png      # a real model
-    python mgiqa.py --model tiny photo.jpg                                       # offline, untrained
-    python mgiqa.py --model runs/demo/final photo.jpg --json                     # with the reasoning
+    python mgiqa.py --model runs/mgiqa/merged photo.jpg --json                   # with the reasoning
+    python mgiqa.py --model Qwen/Qwen2.5-VL-7B-Instruct --adapter runs/mgiqa/final photo.jpg
+    python mgiqa.py --model tiny-qwen2.5-vl photo.jpg                            # offline, untrained
 
-Departures: see prompt.py (answer layout, parsing, prompt order) and tiny.py (its tokenizer).
+Departures (answer layout, NaN for an unparseable score, the instruction before the image): docs/METHOD.md, section 7.
 """
 from __future__ import annotations
 
@@ -17,13 +19,148 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
-from prompt import (ATTRIBUTE_DEFINITIONS, ATTRIBUTES, FAMILY_TO_ATTRIBUTE, LABELLED, EXAMPLE_ANSWER, OVERALL_QUESTION, build_messages,  # noqa: F401
-                    build_prompt, parse_answer, reasoning_text)
-from tiny import SIZES, tiny_tokenizer, tiny_vlm  # noqa: F401
+import tiny
+
+# ----------------------------------------------------------------------------- the prompt
+
+ATTRIBUTES = ("sharpness", "color", "noise", "composition", "overall")
+LABELLED = ATTRIBUTES[:-1]  # attributes a dataset may label; overall always comes from MOS
+# which attribute a distortion family degrades (synthetic datasets' metadata; docs/METHOD.md, section 4)
+FAMILY_TO_ATTRIBUTE = {"blur": "sharpness", "noise": "noise", "color": "color", "composition": "composition"}
+
+ATTRIBUTE_DEFINITIONS = {
+    "sharpness": "how clear the edges and fine details are; 5 means crisp, 1 means heavily blurred.",
+    "color": "how natural and faithful the colors are; 5 means natural color, 1 means a strong cast or washed-out color.",
+    "noise": "how free the image is of noise and grain; 5 means no visible noise, 1 means heavy noise.",
+    "composition": "how well the subject is framed; 5 means a well-composed frame, 1 means the subject is badly placed or cut off.",
+}
+
+# The VisualQuality-R1 question for the overall score, kept verbatim (docs/METHOD.md, section 1).
+OVERALL_QUESTION = (
+    "What is your overall rating on the quality of this picture? The rating should be a float "
+    "between 1 and 5, rounded to two decimal places, with 1 representing very poor quality and 5 "
+    "representing excellent quality."
+)
+EXAMPLE_ANSWER = '{"sharpness": 4.10, "color": 3.80, "noise": 4.50, "composition": 3.20, "overall": 3.90}'
+
+
+def build_prompt(thinking: bool = True) -> str:
+    lines = ["You are an expert in image quality assessment. Rate this picture on four attributes and overall."]
+    for name, definition in ATTRIBUTE_DEFINITIONS.items():
+        lines.append(f"- {name}: {definition}")
+    lines.append(OVERALL_QUESTION)
+    lines.append("Every score is a float between 1 and 5, rounded to two decimal places; higher is better for every key.")
+    if thinking:
+        lines.append("First reason briefly about each attribute and how they combine inside <think> </think> tags, "
+                     "then give the scores as one JSON object inside <answer> </answer> tags, keys in this order:")
+        lines.append(f"<think> ... </think><answer>{EXAMPLE_ANSWER}</answer>")
+    else:
+        lines.append("Give only the scores as one JSON object inside <answer> </answer> tags, keys in this order:")
+        lines.append(f"<answer>{EXAMPLE_ANSWER}</answer>")
+    return "\n".join(lines)
+
+
+def build_messages(thinking: bool = True) -> list[dict]:
+    """Chat messages with one image slot, in the Qwen-VL content layout."""
+    # The instruction before the image: every prompt then starts with the same tokens, which a
+    # trainer computes once per batch instead of once per image (rollouts.prefill).
+    return [{"role": "user", "content": [{"type": "text", "text": build_prompt(thinking)}, {"type": "image"}]}]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_STRICT_THINK = re.compile(r"<think>(.+?)</think>\s*<answer>(.+?)</answer>", re.DOTALL)
+_STRICT_FAST = re.compile(r"<answer>(.+?)</answer>", re.DOTALL)
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
+_FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_PAIR = {a: re.compile(r"[\"']?\b" + a + r"\b[\"']?\s*[:=]\s*[\"']?(" + _NUMBER + ")", re.IGNORECASE) for a in ATTRIBUTES}
+
+
+def _as_float(value) -> float:
+    if isinstance(value, bool):
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return math.nan
+    return math.nan
+
+
+def _strict(text: str, thinking: bool) -> dict[str, float] | None:
+    match = (_STRICT_THINK if thinking else _STRICT_FAST).fullmatch(text.strip())
+    if match is None:
+        return None
+    try:
+        obj = json.loads(match.group(2 if thinking else 1).strip())
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or set(obj) != set(ATTRIBUTES):
+        return None
+    out = {}
+    for key in ATTRIBUTES:
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value <= 5.0:
+            return None
+        out[key] = float(value)
+    return out
+
+
+def _last_json_object(block: str) -> dict | None:
+    """The last `{...}` span that parses as a JSON object (no nesting needed for our answers)."""
+    for match in reversed(list(re.finditer(r"\{[^{}]*\}", block))):
+        try:
+            obj = json.loads(match.group(0))
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def parse_answer(text: str, strict: bool = False, thinking: bool = True, clip: bool = True) -> dict[str, float] | None:
+    """Scores from a completion (docs/METHOD.md, section 1).
+
+    strict: None unless the whole completion is exactly the requested layout with all five keys
+    in [1, 5]. Lenient: always a dict with the five keys, each a float in [1, 5] or NaN; never
+    raises. With clip=False, a value outside [1, 5] becomes NaN instead of being clipped.
+    """
+    if not isinstance(text, str):
+        return None if strict else {a: math.nan for a in ATTRIBUTES}
+    if strict:
+        return _strict(text, thinking)
+    blocks = _ANSWER_BLOCK.findall(text)
+    block = blocks[-1] if blocks and blocks[-1].strip() else text
+    block = _FENCE.sub(" ", block)
+    obj = _last_json_object(block)
+    scores = {}
+    for key in ATTRIBUTES:
+        value = math.nan
+        if obj is not None and key in obj:
+            value = _as_float(obj[key])
+        if math.isnan(value):
+            found = _PAIR[key].findall(block)
+            if found:
+                value = _as_float(found[-1])
+        if not math.isfinite(value):
+            value = math.nan
+        elif not 1.0 <= value <= 5.0:
+            value = min(max(value, 1.0), 5.0) if clip else math.nan
+        scores[key] = value
+    return scores
+
+
+def reasoning_text(text: str) -> str:
+    match = re.search(r"<think>(.*?)</think>", text or "", re.DOTALL)
+    return match.group(1).strip() if match else ""
 
 
 # ----------------------------------------------------------------------------- images
@@ -79,11 +216,13 @@ def load_image(image):
 # ----------------------------------------------------------------------------- loading real checkpoints
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # scoring; grpo.py trains TRAINABLE_MODEL_TYPES
-TRAINABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # 1,003,520: transformers' own default for these processors, at most 1,280 image tokens
+TRAINABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # dense models; the MoE one scores only
+TINY_MODELS = tiny.NAMES  # offline models built in-process (tests, the demo): --model accepts these names
+DEFAULT_IMAGE_TOKENS = 1280  # transformers' own default for these processors: at most 1,280 image tokens
+DEFAULT_MAX_PIXELS = DEFAULT_IMAGE_TOKENS * 28 * 28  # 1,003,520 px with Qwen2.5-VL's 28 px tokens
 
 
-def _resolve_device(device: str):
+def resolve_device(device: str):
     import torch
 
     if device == "auto":
@@ -120,17 +259,19 @@ def apply_adapter(model, adapter_dir: str | os.PathLike) -> None:
 
 
 def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: str | None = None,
-         max_pixels: int | None = DEFAULT_MAX_PIXELS):
-    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local folder or hub id), or "tiny" / "small"
-    for tiny_vlm. Returns (model, processor) in eval mode, left padding for batching, the processor's
-    pixel cap lowered to max_pixels (cap_pixels). Training (grpo.py) is built and tested for
-    Qwen2-VL / Qwen2.5-VL only (TRAINABLE_MODEL_TYPES); Qwen3-VL checkpoints load and score here."""
+         max_pixels: int | None = 0, seed: int = 0):
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local folder or hub id), or one of TINY_MODELS.
+    Returns (model, processor) in eval mode, left padding for batching, the processor's pixel cap
+    lowered to max_pixels (0: DEFAULT_IMAGE_TOKENS image tokens in the family's own units: 28 px for
+    Qwen2.5-VL, 32 px for Qwen3-VL; None: the processor's own cap). The family is the checkpoint's
+    config.model_type, never its name."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    target = _resolve_device(device)
-    if name_or_path in SIZES:
-        model, processor = tiny_vlm(0, name_or_path)
+    target = resolve_device(device)
+    if name_or_path in TINY_MODELS:
+        torch.manual_seed(seed)
+        model, processor = tiny.build(name_or_path, seed, prompts=(build_prompt(True), build_prompt(False)), keys=ATTRIBUTES)
         if dtype != "auto":
             model = model.to(getattr(torch, dtype))
     else:
@@ -151,13 +292,19 @@ def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: 
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False).eval()
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
-    cap_pixels(processor.image_processor, max_pixels)
+    cap_pixels(processor.image_processor, default_max_pixels(processor.image_processor) if max_pixels == 0 else max_pixels)
     if adapter is not None:
         apply_adapter(model, adapter)
     return model.to(target), processor
 
 
-def cap_pixels(image_processor, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+def default_max_pixels(image_processor) -> int:
+    """DEFAULT_IMAGE_TOKENS merged tokens of the family's size (patch x merge: 28 px Qwen2.5-VL, 32 px Qwen3-VL)."""
+    side = image_processor.patch_size * image_processor.merge_size
+    return DEFAULT_IMAGE_TOKENS * side * side
+
+
+def cap_pixels(image_processor, max_pixels: int | None) -> None:
     """Lower the processor's pixel cap to max_pixels (never raise it: a checkpoint saved with a
     smaller cap, such as the demo's 84 x 84 scenes, keeps it). Qwen's published processors allow
     12.8 MP: 15,301 image tokens for a 4000 x 3000 photo; 1,003,520 pixels is at most 1,280 tokens."""
@@ -174,18 +321,28 @@ def cap_pixels(image_processor, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
 
 # ----------------------------------------------------------------------------- scoring
 
-def banned_token_ids(processor) -> list[int]:
-    """Special tokens a completion must never contain (a sampled <|image_pad|> breaks the next
-    forward: "Image features and image tokens do not match")."""
+def banned_token_ids(processor, vocab_size: int | None = None) -> list[int]:
+    """Token ids a completion must never contain: special tokens (a sampled <|image_pad|> breaks the
+    next forward: "Image features and image tokens do not match") and, given the model's vocab_size,
+    the embedding rows past the tokenizer's last token (151,665-151,935 in Qwen2.5-VL: they decode to '')."""
     tok = processor.tokenizer
     names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|vision_pad|>"]
     vocab = tok.get_vocab()  # a fresh dict of the whole vocabulary on every call: build it once
-    ids = [vocab[n] for n in names if n in vocab]
-    return sorted({i for i in ids if i is not None and i != tok.unk_token_id})
+    ids = {vocab[n] for n in names if n in vocab} - {tok.unk_token_id}
+    return sorted(ids | set(range(len(tok), vocab_size or len(tok))))
 
 
 def prompt_text(processor, thinking: bool = True) -> str:
     return processor.apply_chat_template(build_messages(thinking), add_generation_prompt=True, tokenize=False)
+
+
+def token_ids(processor, tokens: list[str]) -> list[int]:
+    """The ids of tokens that are single entries of the tokenizer's vocabulary; an error names any other."""
+    vocab = processor.tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"{missing} are not single tokens of this tokenizer")
+    return [vocab[t] for t in tokens]
 
 
 def eos_ids(model, processor) -> list[int]:
@@ -237,6 +394,12 @@ def decoding_settings(temperature: float, max_new_tokens: int, num_samples: int 
                 length_penalty=1.0, **sampling)
 
 
+# Completion budgets, in tokens. Thinking: VisualQuality-R1's 256. Fast: the longest valid answer
+# (five two-decimal scores, every digit its own token in Qwen's tokenizer: 50 tokens, +1 EOS) with
+# room for a pretty-printed JSON object (tests/test_mgiqa.py measures both with the real tokenizer).
+MAX_NEW_TOKENS = {True: 256, False: 96}
+
+
 def score(model, processor, images, thinking: bool = True, batch_size: int = 8, num_samples: int = 1,
           temperature: float = 0.0, max_new_tokens: int | None = None, progress: bool = False) -> list[dict]:
     """Score images (paths or PIL images) in batches; results in input order.
@@ -249,13 +412,14 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
     import torch
 
     if max_new_tokens is None:
-        max_new_tokens = 256 if thinking else 64
+        max_new_tokens = MAX_NEW_TOKENS[thinking]
     if num_samples > 1 and temperature <= 0:
         raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be equal)")
     images = list(images)
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
     text = prompt_text(processor, thinking)
     eos = eos_ids(model, processor)
-    banned = banned_token_ids(processor)
+    banned = banned_token_ids(processor, model.get_output_embeddings().out_features)
     device = next(model.parameters()).device
     generation_config = plain_generation_config(model)  # not the checkpoint's: see decoding_settings
     generation_config.update(**decoding_settings(temperature, max_new_tokens, num_samples), eos_token_id=eos,
@@ -307,14 +471,15 @@ def json_safe(obj):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score image quality (sharpness, color, noise, composition, overall) with a VLM.")
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--model", required=True, help="checkpoint folder or hub id; 'tiny' or 'small' for an untrained offline model")
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id; untrained offline models: " + ", ".join(TINY_MODELS))
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder written by grpo.py (PEFT layout)")
     parser.add_argument("--fast", action="store_true", help="no reasoning, only the answer (non-thinking prompt)")
     parser.add_argument("--json", action="store_true", help="one JSON line per image, with the reasoning")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (thinking) or 64 (--fast)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="pixel cap for the processor (default 1,003,520 = 1280 x 28 x 28; a smaller saved cap wins)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"default {MAX_NEW_TOKENS[True]} (thinking) or {MAX_NEW_TOKENS[False]} (--fast)")
+    parser.add_argument("--max-pixels", type=int, default=0,
+                        help="pixel cap for the processor (0: 1,280 image tokens, 1,003,520 px for Qwen2.5-VL; a smaller saved cap wins)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -329,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImageLoadError as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
-    if args.model in SIZES:
+    if args.model in TINY_MODELS:
         print(f"note: --model {args.model} is an untrained random model: its scores are noise.", file=sys.stderr)
     try:
         model, processor = load(args.model, device=args.device, adapter=args.adapter, max_pixels=args.max_pixels)

@@ -12,6 +12,9 @@ raw answer. The grid comes worst-ranked first: unparsed answers, then the images
 overall rank is furthest from their MOS rank (a few lines of plain JavaScript re-sort it by other
 keys; without JavaScript the page reads the same). Thumbnails are embedded as data: URIs and the
 charts are inline SVG, so the one file opens anywhere, offline. No run-time dependency beyond PIL.
+
+It draws what it is given: the metrics are those of the summary it is passed (evaluate.summarize);
+it computes only the ranks that order the grid.
 """
 from __future__ import annotations
 
@@ -24,9 +27,7 @@ import os
 
 import numpy as np
 
-import metrics
-from mgiqa import ATTRIBUTES, json_safe, load_image, reasoning_text
-from records import LABELLED
+from mgiqa import ATTRIBUTES, LABELLED, json_safe, load_image, reasoning_text
 
 # ----------------------------------------------------------------------------- strict JSON
 
@@ -106,6 +107,19 @@ def _num(v, digits: int = 3) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _truth(row: dict, attribute: str) -> float:
+    """A result row's ground truth of one attribute (overall: the MOS); NaN if absent."""
+    value = row["mos"] if attribute == "overall" else row["labels"].get(attribute)
+    return math.nan if value is None else float(value)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    return ((last - counts + 1 + last) / 2.0)[inverse.ravel()]
+
+
 def _color(score: float) -> str:
     """Red (1) through amber to green (5)."""
     return f"hsl({(min(max(score, 1.0), 5.0) - 1.0) * 30:.0f},62%,46%)"
@@ -148,7 +162,9 @@ def ticks(lo: float, hi: float, n: int = 6) -> list[float]:
 def scatter_svg(pred, gt, title: str, width: int = 226, height: int = 210) -> str:
     """Predicted (y, 1-5) against ground truth (x, its own range) as an inline SVG; discrete values
     are jittered by a fixed pattern so that coincident points show their count."""
-    y, x, n_nan = metrics.finite_pairs(pred, gt)  # y: predicted, x: ground truth
+    y, x = np.asarray(pred, dtype=float), np.asarray(gt, dtype=float)  # y: predicted, x: ground truth
+    keep = np.isfinite(y) & np.isfinite(x)
+    y, x, n_nan = y[keep], x[keep], int((~keep).sum())
     left, right, top, bottom = 40, 10, 26, 34
     pw, ph = width - left - right, height - top - bottom
     lo, hi = (float(x.min()), float(x.max())) if x.size else (1.0, 5.0)
@@ -211,7 +227,7 @@ def order(rows) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
     ok = np.isfinite(pred) & np.isfinite(mos)
     err, rank_p, rank_m = (np.full(len(rows), np.nan) for _ in range(3))
     if ok.sum() >= 2:
-        rank_p[ok], rank_m[ok] = metrics.rankdata(-pred[ok]), metrics.rankdata(-mos[ok])
+        rank_p[ok], rank_m[ok] = _ranks(-pred[ok]), _ranks(-mos[ok])
         err[ok] = np.abs(rank_p[ok] - rank_m[ok]) / (ok.sum() - 1)
     key = [(0, 0.0) if not math.isfinite(p) else (1, -e) if math.isfinite(e) else (2, p) for p, e in zip(pred, err)]
     return sorted(range(len(rows)), key=lambda i: (key[i], i)), err, rank_p, rank_m
@@ -225,7 +241,7 @@ def card(i: int, row: dict, rec, scales: dict, err: float, rank_p: float, rank_m
         img = f'<div class="why">image not readable: {_esc(error)}</div>'
     bars = []
     for a in ATTRIBUTES:
-        s, g = row[a], metrics.label(row, a)
+        s, g = row[a], _truth(row, a)
         fill = "" if not math.isfinite(s) else f'<span class="fill" style="width:{s / 5 * 100:.1f}%;background:{_color(s)}"></span>'
         lo, hi = scales[a]
         tick = "" if not math.isfinite(g) else \
@@ -252,8 +268,8 @@ def card(i: int, row: dict, rec, scales: dict, err: float, rank_p: float, rank_m
 
 
 def dataset_section(name: str, rows: list[dict], recs: list, entry: dict, images=None, max_images: int | None = None) -> str:
-    scales = {a: gt_scale([metrics.label(r, a) for r in rows]) for a in ATTRIBUTES}
-    charts = [scatter_svg([r[a] for r in rows], [metrics.label(r, a) for r in rows],
+    scales = {a: gt_scale([_truth(r, a) for r in rows]) for a in ATTRIBUTES}
+    charts = [scatter_svg([r[a] for r in rows], [_truth(r, a) for r in rows],
                           f"{a}: SRCC {_num(entry['metrics'][a]['srcc'])}") for a in ATTRIBUTES if a in entry["metrics"]]
     idx, err, rank_p, rank_m = order(rows)
     shown = idx if max_images is None else idx[:max_images]
@@ -276,10 +292,13 @@ def dataset_section(name: str, rows: list[dict], recs: list, entry: dict, images
 
 def html_report(rows, records, summary, title: str, subtitle: str = "", note: str = "", images=None,
                 max_images: int | None = None, appendix: str = "") -> str:
-    """The page as a string. rows: evaluate.py's result rows; records: theirs (metrics.match);
-    summary: evaluate.summarize's; images: optional {row image: array or PIL image} for images
-    held in memory (the demo's); appendix: HTML placed after the datasets."""
-    recs = metrics.match(rows, records)
+    """The page as a string. rows: evaluate.py's result rows; records: theirs (a card names the
+    family and level of its row's record, matched by dataset and image); summary:
+    evaluate.summarize's, whose metrics the tables and chart titles show; images: optional
+    {row image: array or PIL image} for images held in memory (the demo's); appendix: HTML placed
+    after the datasets."""
+    by_key = {(r.dataset, r.image): r for r in records}
+    recs = [by_key.get((row["dataset"], row["image"])) for row in rows]
     sections = []
     for name in summary["datasets"]:
         pick = [i for i, r in enumerate(rows) if r["dataset"] == name]

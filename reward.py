@@ -9,15 +9,8 @@ The per-token credit GRPO gives those rewards (one advantage per completion, or 
 
     python reward.py --bench          # time mg_reward for B=64, K=8, A=5 on one CPU thread
 
-Departures (from VisualQuality-R1, whose reward this generalises):
-1. An unparseable score is NaN, not a random score: it is left out of its image's mean and
-   variance and earns 0; an image with no valid rollout is left out of the others' comparisons.
-2. A score written outside [1, 5] counts as NaN in training (parsed with clip=False), because
-   extreme scores were seen buying certainty from the reward.
-3. `ignore_ties=True` (off by default, used by the demo) drops pairs with P = 0.5 from the mean:
-   their fidelity peaks at p_hat = 0.5 and would pull scores of equally rated images together.
-4. `trl_reward` pads groups of unequal size (TRL can split an image's K rollouts across
-   processes) with empty completions, which parse as NaN and so only shrink that group.
+Departures (NaN for unparseable scores, out-of-range scores in training, --ignore-ties, TRL padding):
+docs/METHOD.md, section 7, departures 2 and 6.
 """
 from __future__ import annotations
 
@@ -49,26 +42,24 @@ def preference_matrix(labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 def preferences(records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """labels (B, A) with NaN where absent; ground truth P and mask M, both (A, B, B), ATTRIBUTES order.
-    Labelled pairs: P = 1 / 0.5 / 0 as y_i >, =, < y_j. Unlabelled pairs of one reference whose
-    families map to the attribute (a clean image counts for every family) are ordered by level,
-    the lower level better (records.FAMILY_TO_ATTRIBUTE: blur -> sharpness, noise, color, composition)."""
-    labels = np.array([[r.attributes.get(a, np.nan) for a in LABELLED] + [r.mos] for r in records])  # (B, A)
-    y, off = labels.T, ~np.eye(len(records), dtype=bool)  # y: (A, B)
-    with np.errstate(invalid="ignore"):
-        M = ~np.isnan(y)[:, :, None] & ~np.isnan(y)[:, None, :] & off  # (A, B, B)
-        P = (y[:, :, None] > y[:, None, :]) + 0.5 * (y[:, :, None] == y[:, None, :])
-    refs = np.array([r.ref or "" for r in records])
-    level = np.array([np.nan if r.level is None else r.level for r in records], dtype=float)
-    same_ref = (refs[:, None] == refs[None, :]) & (refs != "")[:, None] & off
-    by_level = (level[:, None] < level[None, :]) + 0.5 * (level[:, None] == level[None, :])
-    clean = np.array([r.level == 0 and r.family is None for r in records])
+    Labelled pairs: preference_matrix of each attribute's labels. Unlabelled pairs of one reference whose
+    families map to the attribute (a clean image counts for every family) are ordered by level, the
+    lower level better (mgiqa.FAMILY_TO_ATTRIBUTE: blur -> sharpness, noise, color, composition)."""
+    labels = torch.tensor([[r.attributes.get(a, math.nan) for a in LABELLED] + [r.mos] for r in records],
+                          dtype=torch.float64)                                          # (B, A)
+    P, M = map(torch.stack, zip(*(preference_matrix(labels[:, a]) for a in range(len(ATTRIBUTES)))))  # (A, B, B)
+    B = len(records)
+    refs = [r.ref or "" for r in records]
+    same_ref = torch.tensor([[bool(x) and x == y for y in refs] for x in refs]) & ~torch.eye(B, dtype=torch.bool)
+    level = torch.tensor([math.nan if r.level is None else float(r.level) for r in records], dtype=torch.float64)
+    by_level, _ = preference_matrix(-level)                                             # lower level = better
+    clean = torch.tensor([r.level == 0 and r.family is None for r in records])
     for a, name in enumerate(LABELLED):
-        ok = clean | np.array([FAMILY_TO_ATTRIBUTE.get(r.family) == name and r.level is not None for r in records])
-        meta = same_ref & ok[:, None] & ok[None, :] & ~M[a]  # label pairs take precedence
-        P[a] = np.where(meta, by_level, P[a])
+        ok = clean | torch.tensor([FAMILY_TO_ATTRIBUTE.get(r.family) == name and r.level is not None for r in records])
+        meta = same_ref & ok[:, None] & ok[None, :] & ~M[a]                             # label pairs take precedence
+        P[a] = torch.where(meta, by_level, P[a])
         M[a] |= meta
-    return (torch.tensor(labels, dtype=torch.float32), torch.tensor(np.where(M, P, 0.5), dtype=torch.float32),
-            torch.from_numpy(M))
+    return labels.float(), torch.where(M, P, 0.5).float(), M
 
 
 def group_stats(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,7 +107,7 @@ def format_reward(completions: list[str], thinking: bool = True) -> torch.Tensor
 
 
 def parse_scores(completions: list[str], B: int, K: int) -> torch.Tensor:
-    """Lenient scores, out-of-range = NaN (departure 2), as (B, K, A) in image-major row order."""
+    """Lenient scores, out-of-range = NaN (docs/METHOD.md, departure 2), as (B, K, A) in image-major row order."""
     if len(completions) != B * K:
         raise ValueError(f"reward.parse_scores: {len(completions)} completions, expected B*K = {B}*{K}")
     rows = [parse_answer(c, clip=False) for c in completions]

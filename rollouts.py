@@ -1,25 +1,34 @@
-"""The policy side of grpo.py: prompts encoded once, K sampled completions per image, and the
-per-token log-probs of those completions under the model (docs/METHOD.md, section 3: logits / temperature,
-log-softmax, gather; the completion mask runs up to and including the first EOS).
+"""The policy's two jobs in a GRPO step (docs/METHOD.md, "GRPO", steps 1 and 4): sample K completions
+per image, and compute the per-token log-probs of those completions (logits / temperature, log-softmax,
+gather; the completion mask runs up to and including the first EOS).
 
-Shared prompt (grpo.py's departure 2): the vision tower and the prompt prefill run once per image
-and the KV cache is expanded K times, in sampling and in the training forward alike; the
-straightforward layout (`shared_prefix=False`: every prompt repeated K times) gives the same numbers
-and is kept as the reference the tests compare against. Special tokens (`banned`) are masked out of
-sampling and of the log-softmax.
+Read the plain path first: every prompt repeated K times, exactly as the equations are written
+(`sample_plain`, `logprobs_plain`). The shared-prefix path that follows is the default and gives the
+same numbers (tests/test_rollouts.py): the vision tower and the prompt run once per image, not K times
+(docs/METHOD.md, section 7, departure 5):
+- `sample_shared` prefills each image's prompt once and expands its KV cache to the K rows;
+- `logprobs_shared` packs [prompt, completion 1, ..., completion K] into ONE row per image, with a
+  block attention mask (each completion sees the prompt and itself), so one ordinary forward trains
+  all K completions. No cache is carried across calls, so gradient checkpointing and FSDP2 work on it.
+
+Why our own sampling loop beside transformers' `generate` (which mgiqa.score uses): the shared prefix,
+a precomputed vision output (the demo's frozen tower) and one mask of banned tokens applied identically
+in sampling and in the log-softmax. tests/test_rollouts.py checks that greedy tokens equal `generate`'s.
+
+Shapes: B images, K rollouts, T tokens, D hidden, V vocabulary. Rows are image-major: the K rollouts
+of image i are rows i*K .. i*K+K-1.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import mgiqa
 
-
-# ----------------------------------------------------------------------------- prompts and the model's forward
+# ----------------------------------------------------------------------------- prompts
 
 @dataclass
 class Prompts:
@@ -30,95 +39,257 @@ class Prompts:
     next_position: torch.Tensor   # (B,) the position of the first completion token
     pixel_values: torch.Tensor    # (sum of patches, C)
     image_grid_thw: torch.Tensor  # (B, 3)
-    shared: int = 0               # leading tokens identical in every row (the instruction): prefilled once
     features: tuple | None = None  # per image, the vision tower's output computed beforehand (a frozen
-                                   # tower, e.g. the demo's): used instead of running the tower on the pixels
+                                   # tower, e.g. the demo's): used instead of running the tower
 
 
-def encode_prompts(model, processor, images, thinking=True) -> Prompts:
+def encode_prompts(model, processor, images, text: str) -> Prompts:
+    """The chat text with one image each, through the processor, left padded (the real Qwen
+    tokenizer pads on the right unless told), with the model's own rope positions."""
+    from mgiqa import load_image
+
     device = next(model.parameters()).device
-    text = mgiqa.prompt_text(processor, thinking)
-    enc = processor(text=[text] * len(images), images=[mgiqa.load_image(im) for im in images],
+    processor.tokenizer.padding_side = "left"
+    enc = processor(text=[text] * len(images), images=[load_image(im) for im in images],
                     padding=True, return_tensors="pt").to(device)
-    ids, attn, types, shared = _pad_after_shared_text(enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"])
-    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=enc["image_grid_thw"],
-                                              attention_mask=attn)
-    return Prompts(ids, attn, positions, positions.amax(dim=(0, 2)) + 1, enc["pixel_values"], enc["image_grid_thw"], shared)
-
-
-def _pad_after_shared_text(ids, attn, types):
-    """Move each row's left padding to just after the text all rows share (the instruction comes
-    before the image), so that text is one identical prefix: computed once, not once per row.
-    The attention mask and rope positions skip padding wherever it sits, so the numbers are the same."""
-    rows = [r[m.bool()] for r, m in zip(ids, attn)]
-    kinds = [t[m.bool()] for t, m in zip(types, attn)]
-    n = min(len(r) for r in rows)
-    same = torch.stack([r[:n] == rows[0][:n] for r in rows]).all(0) & (kinds[0][:n] == 0)
-    shared = int(n if bool(same.all()) else same.long().argmin())
-    shared = min(shared, n - 1)  # keep at least one token per row after the prefix
-    T = ids.shape[1]
-    new_ids, new_attn, new_types = torch.zeros_like(ids), torch.zeros_like(attn), torch.zeros_like(types)
-    for b, (r, k) in enumerate(zip(rows, kinds)):
-        pad = T - len(r)
-        new_ids[b] = torch.cat([r[:shared], ids[b, :pad], r[shared:]])  # pad ids kept as they were
-        new_attn[b] = torch.cat([torch.ones(shared, dtype=attn.dtype), torch.zeros(pad, dtype=attn.dtype),
-                                 torch.ones(len(r) - shared, dtype=attn.dtype)])
-        new_types[b] = torch.cat([k[:shared], types[b, :pad], k[shared:]])
-    return new_ids, new_attn, new_types, shared
-
-
-def repeat_prompts(p: Prompts, K: int) -> Prompts:
-    """The straightforward layout: every prompt (and its image's pixel rows) repeated K times."""
-    patches = p.image_grid_thw.prod(-1).tolist()
-    blocks = torch.split(p.pixel_values, patches)
-    pixels = torch.cat([b for b in blocks for _ in range(K)])
-    features = None if p.features is None else tuple(f for f in p.features for _ in range(K))
-    return Prompts(p.input_ids.repeat_interleave(K, 0), p.attention_mask.repeat_interleave(K, 0),
-                   p.positions.repeat_interleave(K, 1), p.next_position.repeat_interleave(K, 0),
-                   pixels, p.image_grid_thw.repeat_interleave(K, 0), p.shared, features)
+    positions, _ = model.model.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
+                                              image_grid_thw=enc["image_grid_thw"], attention_mask=enc["attention_mask"])
+    return Prompts(enc["input_ids"], enc["attention_mask"], positions, positions.amax(dim=(0, 2)) + 1,
+                   enc["pixel_values"], enc["image_grid_thw"])
 
 
 def select(p: Prompts, idx: list[int]) -> Prompts:
-    """The prompts of some images (idx), with their pixel rows."""
+    """The prompts of images idx, with their pixel rows."""
     blocks = torch.split(p.pixel_values, p.image_grid_thw.prod(-1).tolist())
     return Prompts(p.input_ids[idx], p.attention_mask[idx], p.positions[:, idx], p.next_position[idx],
-                   torch.cat([blocks[i] for i in idx]), p.image_grid_thw[idx], p.shared,
+                   torch.cat([blocks[i] for i in idx]), p.image_grid_thw[idx],
                    None if p.features is None else tuple(p.features[i] for i in idx))
 
 
+def repeat_prompts(p: Prompts, K: int) -> Prompts:
+    """Every prompt, and its image's pixel rows, repeated K times (image-major, as generate's
+    num_return_sequences; tiling the pixel rows instead would pair rows with the wrong image)."""
+    return select(p, [i for i in range(p.input_ids.shape[0]) for _ in range(K)])
+
+
+def to_device(p: Prompts, device) -> Prompts:
+    return dataclasses.replace(p, **{f.name: _move(getattr(p, f.name), device) for f in dataclasses.fields(p)})
+
+
+def _move(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return tuple(_move(v, device) for v in value) if isinstance(value, tuple) else value
+
+
+# ----------------------------------------------------------------------------- the model's forward
+
 def image_features(model, p: Prompts):
-    """One vision-tower pass; returns the encoder output whose pooler_output holds one block per image."""
+    """The vision tower's output for the B images (pooler_output: one block per image; Qwen3-VL adds
+    its deepstack features), or the precomputed one."""
     if p.features is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         return BaseModelOutputWithPooling(pooler_output=p.features)
     return model.model.get_image_features(p.pixel_values, p.image_grid_thw, return_dict=True)
 
 
-def expand_features(features, K: int):
-    """Each image's features referenced K times (gradients from all K rows add up in the tower)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+def lm_hidden(model, input_ids, attention_mask, positions, features=None, cache=None):
+    """Last hidden states (R, T, D) of the language model, the image features scattered into the
+    image tokens; attention_mask (R, T) or a prepared boolean (R, 1, T, T) mask."""
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                      mm_encoder_outputs={"image": features} if features is not None else None,
+                      cache=cache, use_cache=cache is not None)
+    return out.last_hidden_state
 
-    return BaseModelOutputWithPooling(pooler_output=tuple(f for f in features.pooler_output for _ in range(K)))
+
+def token_logprobs(lm_head, hidden, targets, temperature=1.0, banned=None, entropy_ids=None, chunk=4096):
+    """log pi(target) (R, T) from hidden states (R, T, D), in chunks of positions so that memory never
+    holds (all tokens x V) logits; banned: a (V,) bool mask of tokens never sampled, masked before any
+    exp. With entropy_ids, also the entropy (R, T) of the distribution renormalised over those tokens."""
+    R, T, D = hidden.shape
+    flat_h, flat_t = hidden.reshape(R * T, D), targets.reshape(R * T)
+    logps, ents = [], []
+    for s in range(0, R * T, chunk):
+        args = (lm_head, flat_h[s:s + chunk], flat_t[s:s + chunk], temperature, banned, entropy_ids)
+        # under autograd each chunk's (chunk, V) fp32 logits would be kept for backward: recompute them there
+        lp, ent = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                   if torch.is_grad_enabled() and R * T > chunk else _chunk_logprobs(*args))
+        logps.append(lp)
+        ents.append(ent)
+    entropy = None if entropy_ids is None else torch.cat(ents).view(R, T)
+    return torch.cat(logps).view(R, T), entropy
 
 
-def _prefix_cache_breaks_backward(model) -> bool:
-    """A prompt KV cache shared by the completion rows cannot carry gradients when HF's gradient
-    checkpointing is on (it drops the cache inside checkpointed layers while grad is on,
-    transformers/modeling_layers.py) or the layers are FSDP2 units (the completion pass's backward
-    reshards a layer before the prompt pass's backward has used its weights)."""
-    from torch.distributed.fsdp import FSDPModule
+def _chunk_logprobs(lm_head, h, targets, temperature, banned, entropy_ids):
+    logits = lm_head(h).float() / temperature  # (chunk, V)
+    if banned is not None:
+        logits = logits.masked_fill(banned[: logits.shape[-1]], torch.finfo(logits.dtype).min)
+    logp = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    if entropy_ids is None:
+        return logp, None
+    sub = torch.log_softmax(logits[:, entropy_ids], dim=-1)
+    return logp, -(sub.exp() * sub).sum(-1)
 
-    return any(getattr(m, "gradient_checkpointing", False) or isinstance(m, FSDPModule)
-               for m in model.model.language_model.modules())
 
+def completion_mask(ids: torch.Tensor, eos_ids) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after (the EOS keeps its gradient even if pad == eos)."""
+    is_eos = torch.isin(ids, torch.as_tensor(list(eos_ids), device=ids.device))
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after).long()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_tokens(logits, temperature, top_p=None, generator=None):
+    """One token per row: temperature sampling (nucleus when top_p < 1), greedy at temperature 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+    # inverse-CDF sampling, one uniform per row; u in (0, total]: the index found always has probability > 0
+    cdf = probs.cumsum(-1)
+    u = (1 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample_plain(model, p: Prompts, *, K, max_new_tokens, eos_ids, pad_id, banned=None, temperature=1.0, top_p=None,
+                 force_length=False):
+    """K completions per image (B*K, T): every prompt repeated K times and prefilled from scratch."""
+    from transformers import DynamicCache
+
+    r = repeat_prompts(p, K)
+    cache = DynamicCache(config=model.config.get_text_config())
+    last = lm_hidden(model, r.input_ids, r.attention_mask, r.positions, image_features(model, r), cache)[:, -1]
+    return _decode(model, last, cache, r.attention_mask, r.next_position, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                   pad_id=pad_id, banned=banned, temperature=temperature, top_p=top_p, force_length=force_length)
+
+
+@torch.no_grad()
+def sample_shared(model, p: Prompts, *, K, max_new_tokens, eos_ids, pad_id, banned=None, temperature=1.0, top_p=None,
+                  force_length=False):
+    """The same, the shared-prefix way: one vision pass and one prefill per image, the KV cache
+    expanded to the K rows (image-major) before the first token is drawn."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config())
+    last = lm_hidden(model, p.input_ids, p.attention_mask, p.positions, image_features(model, p), cache)[:, -1]
+    cache.batch_repeat_interleave(K)
+    return _decode(model, last.repeat_interleave(K, 0), cache, p.attention_mask.repeat_interleave(K, 0),
+                   p.next_position.repeat_interleave(K), max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                   banned=banned, temperature=temperature, top_p=top_p, force_length=force_length)
+
+
+def _decode(model, last, cache, prompt_mask, next_position, *, max_new_tokens, eos_ids, pad_id, banned, temperature,
+            top_p, force_length, check_every=16):
+    """The token loop shared by both paths: (R, T) sampled ids, pad after each row's first EOS.
+    The host learns whether every row has finished only every `check_every` tokens (no per-token sync)."""
+    R, V = last.shape[0], model.lm_head.out_features
+    eos = torch.as_tensor(list(eos_ids), device=last.device)
+    masked = torch.zeros(V, dtype=torch.bool, device=last.device) if banned is None else banned[:V].clone()
+    if force_length:
+        masked[eos] = True
+    attn = torch.cat([prompt_mask, prompt_mask.new_ones(R, max_new_tokens)], dim=1)  # grown by slicing, not cat
+    Tp = prompt_mask.shape[1]
+    finished = torch.zeros(R, dtype=torch.bool, device=last.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        logits = model.lm_head(last).float().masked_fill(masked, float("-inf"))  # (R, V)
+        token = torch.where(finished, pad_id, sample_tokens(logits, temperature, top_p))
+        tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and bool(finished.all())):
+            break
+        pos = (next_position + t).view(1, R, 1).expand(3, R, 1)
+        last = lm_hidden(model, token[:, None], attn[:, :Tp + t + 1], pos, None, cache)[:, -1]
+    ids = torch.stack(tokens, dim=1)
+    return ids[:, : int(completion_mask(ids, eos_ids).sum(1).max())]  # drop the all-pad tail after an early stop
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def logprobs_plain(model, p: Prompts, ids, mask, *, K, temperature=1.0, banned=None, entropy_ids=None):
+    """Per-token log-probs (B*K, T) of completions ids under the model: each prompt repeated K times,
+    one forward over prompt + completion (and, with entropy_ids, the score entropy; else None)."""
+    return token_logprobs(model.lm_head, hidden_plain(model, p, ids, mask, K=K), ids, temperature, banned, entropy_ids)
+
+
+def hidden_plain(model, p: Prompts, ids, mask, *, K):
+    """(B*K, T, D) hidden states whose LM-head output predicts completion token t at position t."""
+    r, T = repeat_prompts(p, K), ids.shape[1]
+    Tp = r.input_ids.shape[1]
+    pos = torch.cat([r.positions, _completion_positions(r.next_position, T)], dim=2)
+    h = lm_hidden(model, torch.cat([r.input_ids, ids], 1), torch.cat([r.attention_mask, mask], 1), pos, image_features(model, r))
+    return h[:, Tp - 1:Tp - 1 + T]
+
+
+def logprobs_shared(model, p: Prompts, ids, mask, *, K, temperature=1.0, banned=None, entropy_ids=None):
+    """The same numbers, the shared-prefix way (hidden_shared)."""
+    return token_logprobs(model.lm_head, hidden_shared(model, p, ids, mask, K=K), ids, temperature, banned, entropy_ids)
+
+
+def hidden_shared(model, p: Prompts, ids, mask, *, K):
+    """As hidden_plain, with image i's row packed as [prompt, completion 1, ..., completion K] and a block
+    mask that lets completion k attend to the prompt and to itself only (as if alone after it)."""
+    (B, Tp), T = p.input_ids.shape, ids.shape[1]
+    packed = torch.cat([p.input_ids, ids.reshape(B, K * T)], dim=1)                               # (B, Tp + K*T)
+    pos = torch.cat([p.positions, _completion_positions(p.next_position, T).repeat(1, 1, K)], dim=2)
+    h = lm_hidden(model, packed, block_mask(p.attention_mask, mask.reshape(B, K, T)), pos, image_features(model, p))
+    last = h[:, Tp - 1, None, None].expand(B, K, 1, h.shape[-1])                                 # predicts token 0
+    return torch.cat([last, h[:, Tp:].view(B, K, T, -1)[:, :, :-1]], dim=2).reshape(B * K, T, -1)
+
+
+def _completion_positions(next_position, T):
+    """(3, R, T): completion token t of a row sits at that row's next position + t on all three rope axes."""
+    pos = next_position[:, None] + torch.arange(T, device=next_position.device)
+    return pos.unsqueeze(0).expand(3, -1, -1)
+
+
+def block_mask(prompt_mask, completion_mask):
+    """(B, 1, L, L) boolean attention mask of packed rows, L = Tp + K*T: the prompt is causal over its
+    real tokens; completion k sees the prompt and its own earlier tokens. Every query sees itself, so a
+    padded row never softmaxes over nothing (its output is never read)."""
+    (B, Tp), (_, K, T) = prompt_mask.shape, completion_mask.shape
+    L, dev = Tp + K * T, prompt_mask.device
+    seg = torch.cat([torch.full((Tp,), -1, device=dev), torch.arange(K, device=dev).repeat_interleave(T)])  # (L,)
+    keys = torch.cat([prompt_mask, completion_mask.reshape(B, K * T)], dim=1).bool()                     # (B, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    visible = (seg[None, :] == -1) | (seg[:, None] == seg[None, :])                                      # (L, L)
+    mask = (causal & visible)[None] & keys[:, None, :]
+    return (mask | torch.eye(L, dtype=torch.bool, device=dev)[None]).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- the wrapped policy
+
+class Policy(nn.Module):
+    """The module DDP and FSDP2 wrap. Its forward is the training forward (per-token log-probs), so their
+    hooks (gradient all-reduce, all-gather of shards) fire on it; sampling calls the unwrapped model
+    inside distributed.gathered (a no-op without FSDP)."""
+
+    def __init__(self, model, shared_prefix: bool = True):
+        super().__init__()
+        self.model, self.shared_prefix = model, shared_prefix
+
+    def forward(self, p: Prompts, ids, mask, *, K, temperature=1.0, banned=None, entropy_ids=None):
+        logprobs = logprobs_shared if self.shared_prefix else logprobs_plain
+        return logprobs(self.model, p, ids, mask, K=K, temperature=temperature, banned=banned, entropy_ids=entropy_ids)
+
+    def sample(self, p: Prompts, **kwargs):
+        return (sample_shared if self.shared_prefix else sample_plain)(self.model, p, **kwargs)
+
+
+# ----------------------------------------------------------------------------- vision attention
 
 def _varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
-    """Vision attention over many images in one call: (1, H, S, d) split by cu_seq_lens into
-    independent sequences; the sequences of each length go through one batched sdpa (memory
-    sum L^2, never one S x S mask). transformers' own non-flash path loops over them one by one."""
+    """Vision attention over many windows in one call: (1, H, S, d) split by cu_seq_lens into
+    independent sequences; all sequences of one length go through one batched sdpa (never one S x S
+    mask). transformers' own non-flash path runs one sdpa per window (thousands per pass for big images)."""
     _, H, S, d = query.shape
     starts, lengths = cu_seq_lens_q[:-1].tolist(), (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-    if len(set(lengths)) == 1:  # same-size images: one view, no copies
+    if len(set(lengths)) == 1:  # same-size windows: one view, no copies
         n, L = len(lengths), lengths[0]
         q, k, v = (t.view(H, n, L, d).transpose(0, 1) for t in (query, key, value))  # (n, H, L, d)
         return F.scaled_dot_product_attention(q, k, v, scale=scaling).permute(0, 2, 1, 3).reshape(1, S, H, d), None
@@ -131,9 +302,9 @@ def _varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, d
 
 
 def fast_vision(model) -> None:
-    """Same numbers, less CPU time: batched vision attention (above) and the patch embedding's
-    Conv3d, whose kernel equals its stride, run as the equivalent matrix product. For the CPU
-    (grpo.build_model installs it there only): on CUDA the stock sdpa / flash-attention kernels are faster."""
+    """Same numbers, fewer kernel launches: the vision tower's windowed attention as one batched sdpa
+    per window length (above; a model loaded with flash_attention_2 keeps flash-attn's varlen kernel),
+    and the patch embedding's Conv3d, whose kernel equals its stride, as the equivalent matrix product."""
     import types
     from transformers import AttentionInterface
 
@@ -148,153 +319,3 @@ def fast_vision(model) -> None:
             w = self.proj.weight
             return F.linear(x.view(-1, w[0].numel()).to(w.dtype), w.view(w.shape[0], -1))
         embed.forward = types.MethodType(forward, embed)
-
-
-def prefill(model, p: Prompts, features, cache):
-    """Run the prompts into `cache`; returns the last prompt position's hidden state (B, D).
-    The shared instruction runs once (1 row) and its KV is expanded to the B rows."""
-    B, L = p.input_ids.shape[0], p.shared
-    if L > 0:
-        lm_hidden(model, p.input_ids[:1, :L], p.attention_mask[:1, :L], p.positions[:, :1, :L], None, cache)
-        cache.batch_repeat_interleave(B)
-    return lm_hidden(model, p.input_ids[:, L:], p.attention_mask, p.positions[:, :, L:], features, cache)[:, -1]
-
-
-def lm_hidden(model, input_ids, attention_mask, positions, features=None, cache=None):
-    """Last hidden states (R, T, D) of the language model, image features scattered in."""
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                      mm_encoder_outputs={"image": features} if features is not None else None,
-                      cache=cache, use_cache=cache is not None)
-    return out.last_hidden_state
-
-
-def token_logprobs(lm_head, hidden, targets, temperature=1.0, banned=(), chunk=4096, entropy=False):
-    """log pi(target) from hidden states (R, T, D) in chunks of positions, so memory never holds
-    (all tokens x V) logits; banned token logits are masked before any exp (as in sampling)."""
-    R, T, D = hidden.shape
-    flat_h, flat_t = hidden.reshape(R * T, D), targets.reshape(R * T)
-    logps, ents = [], []
-    for s in range(0, R * T, chunk):
-        args = (lm_head, flat_h[s:s + chunk], flat_t[s:s + chunk], temperature, banned, entropy)
-        # under autograd each chunk's (chunk, V) float logits would be kept for backward, so memory
-        # would grow with all tokens x V after all: recompute them in backward instead
-        lp, ent = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-                   if torch.is_grad_enabled() and R * T > chunk else _chunk_logprobs(*args))
-        logps.append(lp)
-        ents.append(ent)
-    logp = torch.cat(logps).view(R, T)
-    return (logp, torch.cat(ents).view(R, T)) if entropy is not False and entropy is not None else logp
-
-
-def _chunk_logprobs(lm_head, h, targets, temperature, banned, entropy):
-    logits = lm_head(h).float() / temperature  # (chunk, V)
-    if len(banned):
-        logits[:, list(banned)] = torch.finfo(logits.dtype).min
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(1, targets[:, None]).squeeze(1) - logz
-    if entropy is False or entropy is None:
-        return logp, None
-    if entropy is not True:  # a list of token ids: the entropy of the distribution renormalised over them
-        logits = logits[:, list(entropy)]
-        logz = torch.logsumexp(logits, dim=-1)
-    logp_all = logits - logz[:, None]
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
-
-
-def completion_mask(ids: torch.Tensor, eos_ids) -> torch.Tensor:
-    """1 up to and including the first EOS, 0 after (the EOS keeps its gradient even if pad == eos)."""
-    is_eos = torch.isin(ids, torch.as_tensor(list(eos_ids), device=ids.device))
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    return (~after).long()
-
-
-# ----------------------------------------------------------------------------- rollouts
-
-def sample_tokens(logits, temperature, top_p, generator=None):
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
-    # inverse-CDF sampling, one uniform per row (torch.multinomial draws one per row and token);
-    # u in (0, total]: the first index whose cumulative sum reaches u always has probability > 0
-    cdf = probs.cumsum(-1)
-    u = (1 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1)
-
-
-@torch.no_grad()
-def rollout(model, p: Prompts, K, max_new_tokens, eos_ids, pad_id, banned=(), temperature=1.0, top_p=None,
-            shared_prefix=True, force_length=False):
-    """K sampled completions per prompt, (B*K, Tc) token ids, image-major rows.
-
-    shared_prefix: one vision pass and one prefill per image, the KV cache expanded K times.
-    Otherwise the straightforward reference: B*K rows prefilled from scratch."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config.get_text_config())
-    if shared_prefix:
-        last = prefill(model, p, image_features(model, p), cache).repeat_interleave(K, 0)
-        cache.batch_repeat_interleave(K)
-        attn, nxt = p.attention_mask.repeat_interleave(K, 0), p.next_position.repeat_interleave(K)
-    else:
-        r = repeat_prompts(p, K)
-        last = lm_hidden(model, r.input_ids, r.attention_mask, r.positions, image_features(model, r), cache)[:, -1]
-        attn, nxt = r.attention_mask, r.next_position
-    R = last.shape[0]
-    eos = torch.as_tensor(list(eos_ids), device=last.device)
-    finished = torch.zeros(R, dtype=torch.bool, device=last.device)
-    tokens = []
-    for t in range(max_new_tokens):
-        logits = model.lm_head(last).float()  # (R, V)
-        masked = list(banned) + (list(eos_ids) if force_length else [])
-        if masked:
-            logits[:, masked] = -float("inf")
-        token = sample_tokens(logits, temperature, top_p) if temperature > 0 else logits.argmax(-1)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        finished |= torch.isin(token, eos)
-        if finished.all() or t == max_new_tokens - 1:
-            break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        pos = (nxt + t).view(1, R, 1).expand(3, R, 1)
-        last = lm_hidden(model, token[:, None], attn, pos, None, cache)[:, -1]
-    return torch.stack(tokens, dim=1)
-
-
-def completion_logprobs(model, p: Prompts, K, ids, mask, temperature=1.0, banned=(), shared_prefix=True,
-                        features=None, entropy=False):
-    """Per-token log-probs (B*K, Tc) of the completions under the model, prompt and image included."""
-    hidden = completion_hidden(model, p, K, ids, mask, shared_prefix, features)
-    return token_logprobs(model.lm_head, hidden, ids, temperature, banned, entropy=entropy)
-
-
-def completion_hidden(model, p: Prompts, K, ids, mask, shared_prefix=True, features=None):
-    """(B*K, Tc, D) hidden states whose LM-head output predicts completion token t at position t.
-
-    shared_prefix: the prompt (and vision tower) runs once per image and its KV cache, with its
-    graph, is expanded to the K rows; only completion positions reach the LM head."""
-    from transformers import DynamicCache
-
-    Tc = ids.shape[1]
-    offsets = torch.arange(Tc, device=ids.device)
-    if shared_prefix and torch.is_grad_enabled() and model.training and _prefix_cache_breaks_backward(model):
-        # repeat the prompt rows instead, keeping one vision pass per image
-        features, shared_prefix = (features if features is not None else image_features(model, p)), False
-    if shared_prefix:
-        feats = features if features is not None else image_features(model, p)
-        cache = DynamicCache(config=model.config.get_text_config())
-        last = prefill(model, p, feats, cache)  # (B, D)
-        cache.batch_repeat_interleave(K)
-        attn = torch.cat([p.attention_mask.repeat_interleave(K, 0), mask], dim=1)
-        pos = (p.next_position.repeat_interleave(K)[:, None] + offsets).unsqueeze(0).expand(3, -1, -1)
-        hc = lm_hidden(model, ids, attn, pos, None, cache)  # (B*K, Tc, D)
-        hidden = torch.cat([last[:, None].repeat_interleave(K, 0), hc[:, :-1]], dim=1)  # position t predicts token t
-    else:
-        r = repeat_prompts(p, K)
-        feats = expand_features(features, K) if features is not None else image_features(model, r)
-        Tp = r.input_ids.shape[1]
-        pos = torch.cat([r.positions, (r.next_position[:, None] + offsets).unsqueeze(0).expand(3, -1, -1)], dim=2)
-        h = lm_hidden(model, torch.cat([r.input_ids, ids], 1), torch.cat([r.attention_mask, mask], 1), pos, feats)
-        hidden = h[:, Tp - 1:Tp - 1 + Tc]
-    return hidden

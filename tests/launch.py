@@ -1,5 +1,5 @@
 """grpo.main with test hooks, for runs in a subprocess (plain or under torchrun). Environment:
-  MGIQA_TEST_TEXT_REWARD=1   reward.mg_reward -> test_grpo.text_reward (an untrained model never
+  MGIQA_TEST_TEXT_REWARD=1   reward.mg_reward -> conftest.text_reward (an untrained model never
                              writes the answer layout, so the real reward would give no gradient)
   MGIQA_TEST_SAME_STREAM=1   every rank draws the same batches and rollouts (so a 2-rank run's
                              averaged gradient equals one process's)
@@ -14,14 +14,13 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-import checkpoint  # noqa: E402
 import data  # noqa: E402
+import distributed  # noqa: E402
 import grpo  # noqa: E402
-import parallel  # noqa: E402
 import reward  # noqa: E402
 
 if os.environ.get("MGIQA_TEST_TEXT_REWARD"):
-    from test_grpo import text_reward
+    from conftest import text_reward
     reward.mg_reward = text_reward
 if os.environ.get("MGIQA_TEST_SAME_STREAM"):
     grpo.process_seed = lambda seed, rank: seed * 1000
@@ -32,13 +31,13 @@ sample = data.Sampler.sample
 
 def logged_sample(self):
     batch = sample(self)
-    with open(os.path.join(out, f"batches-rank{parallel.rank()}.jsonl"), "a") as f:
+    with open(os.path.join(out, f"batches-rank{distributed.rank()}.jsonl"), "a") as f:
         f.write(json.dumps([os.path.basename(r.image) for r in batch["records"]]) + "\n")
     return batch
 
 
 data.Sampler.sample = logged_sample
-kill_after, save = int(os.environ.get("MGIQA_TEST_KILL_AFTER", "0")), checkpoint.save
+kill_after, save = int(os.environ.get("MGIQA_TEST_KILL_AFTER", "0")), grpo.save_checkpoint
 
 
 def killing_save(run_dir, step, *args, **kwargs):
@@ -48,22 +47,22 @@ def killing_save(run_dir, step, *args, **kwargs):
     return path
 
 
-checkpoint.save = killing_save
-export = checkpoint.export
+grpo.save_checkpoint = killing_save
+export = grpo.export
 
 
 def dumping_export(policy, processor, final, cfg):
     from safetensors.torch import save_file
-    model = parallel.unwrap(policy)
-    if cfg["fsdp"]:
-        state = parallel.full_state_dict(policy)
-        state = {n: state[n] for n, p in model.named_parameters() if p.requires_grad} if parallel.rank() == 0 else None
+    model = distributed.unwrap(policy)
+    if cfg.fsdp:
+        state = distributed.full_state_dict(policy)
+        state = {n: state[n] for n, p in model.named_parameters() if p.requires_grad} if distributed.rank() == 0 else None
     else:
-        state = checkpoint.trainable_state(model)
+        state = grpo.trainable_state(model)
     if state is not None:
-        save_file({n: t.contiguous() for n, t in state.items()}, os.path.join(out, f"weights-rank{parallel.rank()}.safetensors"))
+        save_file({n: t.contiguous() for n, t in state.items()}, os.path.join(out, f"weights-rank{distributed.rank()}.safetensors"))
     return export(policy, processor, final, cfg)
 
 
-checkpoint.export = dumping_export
+grpo.export = dumping_export
 sys.exit(grpo.main(sys.argv[1:]))

@@ -14,10 +14,9 @@ import pytest
 
 import data
 import demo
-import demo_warmup
 import mgiqa
 import report
-from test_report import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
+from conftest import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The full warm-up (perception needs it: with 6,000 images and 600 probe steps, family accuracy .73,
@@ -110,7 +109,7 @@ def test_heldout_srcc_within_family_all_images_and_overall_in_place():
     # likewise, the other attributes 5)
     recs = [data.Record(f"c{i}", "demo", "synthetic", mos=5.0, attributes=dict.fromkeys(mgiqa.ATTRIBUTES[:-1], 5.0),
                         family=None, level=0) for i in range(2)]
-    for fam, attr in data.FAMILY_TO_ATTRIBUTE.items():
+    for fam, attr in mgiqa.FAMILY_TO_ATTRIBUTE.items():
         for level, q in ((1, 4.0), (2, 3.0)):
             recs.append(data.Record(f"{fam}{level}", "demo", "synthetic", mos=q, family=fam, level=level,
                                     attributes={a: (q if a == attr else 5.0) for a in mgiqa.ATTRIBUTES[:-1]}))
@@ -129,11 +128,11 @@ def test_heldout_srcc_within_family_all_images_and_overall_in_place():
 
 
 def test_precomputed_vision_indices_give_the_same_features():
-    """demo_warmup.pooled_tokens hands the tower its position and window indices, computed once per grid;
+    """demo.pooled_tokens hands the tower its position and window indices, computed once per grid;
     the output must equal transformers' own path bit for bit (two grids, two batch sizes)."""
     import torch
 
-    model, processor = mgiqa.tiny_vlm(0, "demo")
+    model, processor = mgiqa.load("demo", device="cpu")
     visual = model.model.visual
     for side, n in ((84, 4), (112, 5)):  # patchify checks its first 4 against the processor
         images = np.random.default_rng(side).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
@@ -142,6 +141,6 @@ def test_precomputed_vision_indices_give_the_same_features():
         flat = pixels.reshape(-1, pixels.shape[-1])
         with torch.no_grad():
             plain = model.model.get_image_features(flat, grids, return_dict=True).pooler_output
-            fast = model.model.get_image_features(flat, grids, return_dict=True, **demo_warmup.vision_indices(visual, grids)).pooler_output
+            fast = model.model.get_image_features(flat, grids, return_dict=True, **demo.vision_indices(visual, grids)).pooler_output
         assert len(fast) == n and all(torch.equal(a, b) for a, b in zip(plain, fast))
-        assert demo_warmup.vision_indices(visual, grids) is demo_warmup.vision_indices(visual, grids.clone())  # cached by grid
+        assert demo.vision_indices(visual, grids) is demo.vision_indices(visual, grids.clone())  # cached by grid

@@ -1,4 +1,4 @@
-"""evaluate.py and metrics.py: hand-computed metrics, scipy cross-checks, the logistic fit,
+"""evaluate.py: hand-computed metrics, scipy cross-checks, the logistic fit,
 bootstrap, resume after an interruption, full runs of tiny_vlm, comparison, plots, the suite."""
 import csv
 import json
@@ -18,7 +18,10 @@ import data
 import evaluate as ev
 import mgiqa
 import report
-from mgiqa import ATTRIBUTES
+import synth
+from conftest import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
+from data import Record
+from mgiqa import ATTRIBUTES, FAMILY_TO_ATTRIBUTE, LABELLED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = math.nan
@@ -129,7 +132,7 @@ def write_manifest(root, n=6, size=56, dataset="toy"):
             name = f"im{i}.png"
             Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8")).save(os.path.join(root, name))
             fam, level = families[i % len(families)], i % 5 + 1
-            attrs = {a: 5.0 - (0.8 * level if ev.FAMILY_TO_ATTRIBUTE.get(fam) == a else 0) for a in ev.LABELLED}
+            attrs = {a: 5.0 - (0.8 * level if FAMILY_TO_ATTRIBUTE.get(fam) == a else 0) for a in LABELLED}
             w.writerow([name, round(1 + 4 * rng.rand(), 2), *attrs.values(), f"r{i % 2}", fam or "",
                         level if fam else 0, dataset, "test" if i % 3 else "train"])
     return data.load_dataset("manifest", str(root))
@@ -222,7 +225,7 @@ def test_cli_resume_with_limit_gives_identical_files(tmp_path, one_thread, capsy
 
 
 def test_full_tiny_run_on_synthetic_data_writes_all_outputs(tmp_path, one_thread, capsys, monkeypatch):
-    data.make_synthetic(str(tmp_path / "d"), 20, 56, seed=0)  # 4 scenes of 5 images, one scene held out
+    synth.make_synthetic(str(tmp_path / "d"), 20, 56, seed=0)  # 4 scenes of 5 images, one scene held out
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # absent here anyway; a one-line note
     assert run("--model", "tiny", "--data", f"manifest={tmp_path / 'd'}", "--split", "test", "--fast",
                "--max-new-tokens", "4", "--threads", "1", "--out", tmp_path / "o") == 0
@@ -234,15 +237,14 @@ def test_full_tiny_run_on_synthetic_data_writes_all_outputs(tmp_path, one_thread
     d = summary["datasets"]["synthetic"]
     assert summary["thinking"] is False and d["n"] == 5 and set(d["metrics"]) == set(ATTRIBUTES)
     assert d["parse_failures"] == 5 and d["metrics"]["overall"]["srcc"] is None  # the untrained model writes '\n'
-    assert set(d["within_family"]) == set(ev.LABELLED)
+    assert set(d["within_family"]) == set(LABELLED)
     table = (tmp_path / "o" / "results.md").read_text()
     assert table.startswith("| dataset | n | unparsed | overall SRCC | overall PLCC | sharpness SRCC")
     assert "| synthetic | 5 | 5 |" in table
 
 
 def test_report_and_strict_json_of_a_run(tmp_path, monkeypatch):
-    from test_report import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
-    data.make_synthetic(str(tmp_path / "d"), 20, 56, seed=0)
+    synth.make_synthetic(str(tmp_path / "d"), 20, 56, seed=0)
     loads = []
     monkeypatch.setattr(mgiqa, "load", lambda *a, **k: loads.append(k) or (None, None))
     monkeypatch.setattr(mgiqa, "score", FakeScore(lambda im: "garbage" if im.endswith("_3.png") else GOOD.format(1 + int(im[-5]) % 5)))
@@ -271,10 +273,9 @@ def test_every_option_has_help():
 
 
 def test_within_family_srcc():
-    from data import Record
     recs, rows = [], []
     for i, (fam, level) in enumerate([(None, 0), ("blur", 1), ("blur", 3), ("blur", 5), ("noise", 2), ("noise", 4)]):
-        attrs = {a: 5.0 - (0.8 * level if ev.FAMILY_TO_ATTRIBUTE.get(fam) == a else 0) for a in ev.LABELLED}
+        attrs = {a: 5.0 - (0.8 * level if FAMILY_TO_ATTRIBUTE.get(fam) == a else 0) for a in LABELLED}
         recs.append(Record(f"i{i}", "s", "synthetic", mos=5 - level, attributes=attrs, family=fam, level=level))
         # sharpness predicted right inside blur+clean, but noisy images get a low sharpness score
         rows.append({"dataset": "s", "image": f"i{i}", "sharpness": 4.5 - level if fam != "noise" else 1.0,
@@ -286,7 +287,7 @@ def test_within_family_srcc():
     assert math.isnan(ev.attribute_srcc_within_family(rows[:2], recs[:2])["sharpness"])  # fewer than 3 images
     rows[0]["sharpness"] = 0.0  # the clean image now predicted worst: counted, it breaks the order
     assert ev.attribute_srcc_within_family(rows, recs)["sharpness"] < 0.5
-    recs[0].level = None  # no family and no level: several distortions (data.py's mixed mode), not clean
+    recs[0].level = None  # no family and no level: several distortions (synth.py's mixed mode), not clean
     assert ev.attribute_srcc_within_family(rows, recs)["sharpness"] == pytest.approx(1.0)
 
 
@@ -351,7 +352,6 @@ def test_scatter_plots_with_and_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_suite_reads_eight_folders_with_their_splits(tmp_path, monkeypatch):
-    from data import Record
     png = tmp_path / "x.png"
     Image.new("RGB", (56, 56)).save(png)
     loaded = []

@@ -1,279 +1,47 @@
-"""GRPO (docs/METHOD.md, section 3): the math by hand, log-probs against a naive
-full-softmax forward, the shared-prefix path against the straightforward one (values and gradients),
-LoRA, checkpoints and exact resume, a crash mid-write, a 2-rank gloo torchrun run, PEFT layout, merge.
+"""grpo.py against its equations (docs/METHOD.md, section 3): the loss by hand, per-attribute credit by
+hand, micro-batches that add up to the full batch, a second iteration that clips against the policy
+that sampled, the shared-prefix step against the plain one, LoRA and --full steps, the reference,
+checkpoints and exact resume, a crash mid-write, evaluation during training, the configuration, and
+the GPU path's numerics shown on the CPU (fp32 trainable state under bf16 compute, through grpo.main).
 
-Rewards: an untrained model never writes the answer layout, so reward.mg_reward would give 0 to
-every rollout and no gradient at all; tests that need a learning signal patch in `text_reward`, a
-deterministic function of the completion text (same text, same reward)."""
+Rewards: an untrained model never writes the answer layout, so reward.mg_reward would give 0 to every
+rollout and no gradient; tests that need a learning signal pass `text_reward` (conftest.py)."""
 import copy
 import json
-import os
+import math
 import random
-import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-import checkpoint
 import data
+import distributed
 import grpo
 import lora
 import mgiqa
-import parallel
 import reward
 import rollouts
-import step
-from mgiqa import ATTRIBUTES
+import synth
+from conftest import (assert_close_grads, encode, fake_batch, grads, random_images, randomize_lora, small_cfg,
+                      text_reward)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def text_reward(completions, P, M, *args, **kwargs):
-    """A stand-in for reward.mg_reward with the same output keys: total = a hash of the text in [0, 1)."""
-    B = P.shape[1]
-    K = len(completions) // B
-    total = torch.tensor([(sum(map(ord, c)) % 97) / 97 for c in completions]).view(B, K)
-    A = len(ATTRIBUTES)
-    return {"total": total, "per_attribute": total[..., None].expand(B, K, A) / A, "format": torch.zeros(B, K),
-            "scores": torch.full((B, K, A), float("nan"))}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def widen(model, seed=0):
-    """An untrained tiny model is nearly uniform over the vocabulary; wider weights make the
-    comparisons below sensitive (matrices only: norms stay at 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def random_images(n=2, seed=0):
-    """Different sizes, so prompts differ in length and left padding is exercised."""
-    rng = np.random.default_rng(seed)
-    sizes = [(56, 84), (84, 84), (56, 56), (84, 56)]  # 6, 9, 4, 6 image tokens
-    return [Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8)) for i in range(n)]
-
-
-def randomize_lora(model, seed=1, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, lora.LoRALinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
-
-
-def sample(model, processor, images, K=3, T=10, seed=0, **kw):
-    p = rollouts.encode_prompts(model, processor, images)
-    eos, pad = mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    ids = rollouts.rollout(model, p, K, T, eos, pad, mgiqa.banned_token_ids(processor), **kw)
-    return p, ids, rollouts.completion_mask(ids, eos)
-
-
-def cut_row(ids, row, at, eos, pad):
-    """Row `row` ends with EOS at position `at`, padding after (so masks and padding are exercised)."""
-    ids = ids.clone()
-    ids[row, at] = eos
-    ids[row, at + 1:] = pad
-    return ids
-
-
-def full_logits(model, processor, images):
-    enc = processor(text=[mgiqa.prompt_text(processor)] * len(images), images=images, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return model(**enc).logits
-
-
-def grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-
-
-def assert_close_grads(a, b, rel=1e-4):
-    assert a.keys() == b.keys() and a
-    for n in a:
-        scale = b[n].abs().max().clamp(min=1e-12)
-        err = (a[n] - b[n]).abs().max() / scale
-        assert err < rel, f"{n}: relative gradient error {err:.2e}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine a busy
-    neighbour made 2-thread steps 5x slower than 1-thread ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base():
-    model, processor = mgiqa.tiny_vlm(0, "tiny")
-    return widen(model), processor
-
-
-@pytest.fixture
-def fresh(base):
-    return copy.deepcopy(base[0]), base[1]
-
-
-def small_cfg(**kw):
-    return {**grpo.DEFAULTS, "model": "tiny", "batch_size": 2, "num_generations": 3, "max_new_tokens": 8,
-            "lr": 1e-2, "lora_rank": 4, "lora_alpha": 8, **kw}
-
-
-def fake_batch(B):
-    A = len(ATTRIBUTES)
-    return {"P": torch.full((A, B, B), 0.5), "M": torch.zeros(A, B, B, dtype=torch.bool)}
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-def naive_logprobs(model, processor, images, K, ids, mask, temperature, banned):
-    """HF forward on K-repeated (prompt, image) pairs + completion, mm_token_type_ids extended by
-    zeros (the model computes its own rope positions), then a full softmax per token, in loops."""
-    text = mgiqa.prompt_text(processor)
-    enc = processor(text=[text] * (len(images) * K), images=[im for im in images for _ in range(K)],
-                    padding=True, return_tensors="pt")
-    Tp = enc["input_ids"].shape[1]
-    with torch.no_grad():
-        logits = model(input_ids=torch.cat([enc["input_ids"], ids], 1),
-                       attention_mask=torch.cat([enc["attention_mask"], mask], 1),
-                       mm_token_type_ids=torch.cat([enc["mm_token_type_ids"], torch.zeros_like(ids)], 1),
-                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits
-    out = torch.zeros(ids.shape, dtype=torch.float64)
-    for r in range(ids.shape[0]):
-        for t in range(ids.shape[1]):
-            z = logits[r, Tp - 1 + t].double() / temperature
-            z[banned] = -float("inf")
-            out[r, t] = torch.log_softmax(z, -1)[ids[r, t]]
-    return out
-
-
-@pytest.mark.parametrize("shared", [True, False])
-def test_logprobs_equal_naive_full_softmax(fresh, shared):
-    model, processor = fresh
-    images, K, temperature = random_images(2), 3, 0.7
-    eos, pad, banned = mgiqa.eos_ids(model, processor)[0], processor.tokenizer.pad_token_id, mgiqa.banned_token_ids(processor)
-    p, ids, _ = sample(model, processor, images, K, T=10)
-    ids = cut_row(ids, 1, 4, eos, pad)
-    mask = rollouts.completion_mask(ids, [eos])
-    with torch.no_grad():
-        got = rollouts.completion_logprobs(model, p, K, ids, mask, temperature, banned, shared_prefix=shared)
-    want = naive_logprobs(model, processor, images, K, ids, mask, temperature, banned)
-    m = mask.bool()
-    assert want[m].std() > 0.3, "the model is too close to uniform for this comparison to mean anything"
-    assert (got.double() - want)[m].abs().max() < 1e-5
-
-
-def test_precomputed_features_give_the_same_rollouts_and_logprobs(fresh):
-    """A frozen tower's output carried by the prompts (the demo's cache) stands in for the pixels:
-    same sampled tokens, same log-probs on both paths, also after select()."""
-    import dataclasses
-
-    model, processor = fresh
-    images, K = random_images(3), 2
-    p = rollouts.encode_prompts(model, processor, images)
-    with torch.no_grad():
-        cached = dataclasses.replace(p, features=tuple(rollouts.image_features(model, p).pooler_output))
-    eos, pad, banned = mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id, mgiqa.banned_token_ids(processor)
-    ids = {}
-    for name, q in (("pixels", p), ("cached", cached)):
-        torch.manual_seed(0)
-        ids[name] = rollouts.rollout(model, q, K, 8, eos, pad, banned)
-    assert torch.equal(ids["pixels"], ids["cached"])
-    mask = rollouts.completion_mask(ids["pixels"], eos)
-    rows = [r for i in (2, 0) for r in range(i * K, (i + 1) * K)]
-    with torch.no_grad():
-        for shared in (True, False):
-            want = rollouts.completion_logprobs(model, p, K, ids["pixels"], mask, 1.0, banned, shared)
-            got = rollouts.completion_logprobs(model, cached, K, ids["pixels"], mask, 1.0, banned, shared)
-            assert (got - want).abs().max() < 1e-5
-            sub = rollouts.completion_logprobs(model, rollouts.select(cached, [2, 0]), K, ids["pixels"][rows], mask[rows], 1.0,
-                                               banned, shared)
-            assert (sub - want[rows]).abs().max() < 1e-5
-    bad = dataclasses.replace(cached, features=tuple(f + 1.0 for f in cached.features))  # the cache is really used
-    with torch.no_grad():
-        assert (rollouts.completion_logprobs(model, bad, K, ids["pixels"], mask, 1.0, banned) - want).abs().max() > 1e-3
-
-
-def test_token_logprobs_chunks_banned_and_entropy(fresh):
-    model, processor = fresh
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 5, model.config.get_text_config().hidden_size)
-    targets = torch.randint(7, 700, (3, 5))
-    banned = mgiqa.banned_token_ids(processor)
-    with torch.no_grad():
-        a, ent = rollouts.token_logprobs(model.lm_head, hidden, targets, 0.5, banned, chunk=4, entropy=True)
-        b = rollouts.token_logprobs(model.lm_head, hidden, targets, 0.5, banned)
-        z = model.lm_head(hidden).double() / 0.5
-    z[..., banned] = -float("inf")
-    logp = torch.log_softmax(z, -1)
-    assert (a - b).abs().max() < 1e-6
-    assert (a.double() - logp.gather(-1, targets[..., None]).squeeze(-1)).abs().max() < 1e-5
-    want_ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
-    assert (ent.double() - want_ent).abs().max() < 1e-5
-
-
-def test_completion_mask_eos_and_padding():
-    eos, pad = 9, 0
-    ids = torch.tensor([[5, 6, eos, pad, pad],   # EOS then padding
-                        [5, 6, 7, 8, 5],         # no EOS: every token counts
-                        [eos, pad, pad, pad, pad],  # EOS first
-                        [5, eos, 6, eos, 7]])    # only the first EOS counts
-    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
-    assert torch.equal(rollouts.completion_mask(ids, [eos]), want)
-    # pad == eos (tiny-grpo's pitfall): the EOS itself is still in the loss
-    same = torch.tensor([[5, 6, 0, 0, 0], [0, 0, 0, 0, 0], [5, 5, 5, 5, 5]])
-    assert torch.equal(rollouts.completion_mask(same, [0]), torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]))
-    # several EOS ids
-    assert torch.equal(rollouts.completion_mask(torch.tensor([[5, 3, 4, 5]]), [4, 3]), torch.tensor([[1, 1, 0, 0]]))
-
-
-def test_score_token_attributes_marks_each_scores_digits(base):
-    """Against a naive reference that decodes every prefix of the row: a token belongs to attribute
-    a when the text it adds lies inside a's number after the last <answer> (anywhere if none)."""
-    tok = base[1].tokenizer
-    texts = ['<think>dull</think><answer>{"sharpness": 4, "color": 2, "noise": 5, "composition": 3.5, "overall": 12}</answer><|im_end|>',
-             '<answer>{"noise": 1}</answer> <answer>{"overall": 3, "sharpness": 4.25}</answer><|im_end|>',  # only the last answer counts
-             'no tags: "overall": 3<|im_end|>',
-             '<answer>{"colour": 3, "color": 2}</answer><|im_end|>']
-    rows = [tok(t).input_ids for t in texts]
-    Tc = max(map(len, rows)) + 2
-    ids = torch.tensor([r + [tok.pad_token_id] * (Tc - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (Tc - len(r)) for r in rows])
-    got = reward.score_token_attributes(tok, ids, mask)
-    number = re.compile(r'"(' + "|".join(ATTRIBUTES) + r')": ([0-9.]+)')
-    for r, row in enumerate(rows):
-        text = tok.decode(row)
-        start = text.rfind("<answer>")
-        spans = [(m.span(2), ATTRIBUTES.index(m.group(1))) for m in number.finditer(text) if m.start() > start]
-        want = []
-        for t in range(Tc):
-            lo, hi = len(tok.decode(row[:t])), len(tok.decode(row[:t + 1])) if t < len(row) else -1
-            want.append(next((a for (s, e), a in spans if lo < e and hi > s), -1))
-        assert got[r].tolist() == want, (texts[r], got[r].tolist(), want)
-    assert sorted(set(got[0].tolist()) - {-1}) == [0, 1, 2, 3, 4] and set(got[2].tolist()) == {-1, 4}
-    assert sorted(set(got[1].tolist()) - {-1}) == [0, 4]  # the first answer's noise score is not marked
-
-
-# ----------------------------------------------------------------------------- the loss
+# ----------------------------------------------------------------------------- the loss, by hand
 
 def test_k3_nonnegative_and_zero_at_equality():
     torch.manual_seed(0)
     logp, ref = -torch.rand(1000) * 5, -torch.rand(1000) * 5
-    kl = step.k3_kl(logp, ref)
+    kl = grpo.k3_kl(logp, ref)
     assert (kl >= 0).all() and kl.max() > 0.1
-    assert torch.equal(step.k3_kl(logp, logp), torch.zeros(1000))
+    assert torch.equal(grpo.k3_kl(logp, logp), torch.zeros(1000))
     d = ref - logp  # hand formula
     assert torch.allclose(kl, torch.exp(d) - d - 1)
-    assert abs(step.k3_kl(torch.tensor(0.0), torch.log(torch.tensor(2.0))).item() - (2 - np.log(2) - 1)) < 1e-6
+    assert abs(grpo.k3_kl(torch.tensor(0.0), torch.log(torch.tensor(2.0))).item() - (2 - np.log(2) - 1)) < 1e-6
 
 
 def test_clipping_only_outside_the_band_in_the_advantages_direction():
@@ -282,17 +50,13 @@ def test_clipping_only_outside_the_band_in_the_advantages_direction():
     logp, old = torch.log(rho), torch.zeros(7)
     for sign in (1.0, -1.0):
         adv = torch.full((7,), 2.0 * sign)
-        loss, clipped = step.clipped_surrogate(logp, old, adv, eps_low, eps_high)
-        if sign > 0:  # a good action: only a ratio above 1 + eps_high is capped
-            want_clip = rho > 1 + eps_high
-        else:  # a bad action: only a ratio below 1 - eps_low is capped
-            want_clip = rho < 1 - eps_low
+        loss, clipped = grpo.clipped_surrogate(logp, old, adv, eps_low, eps_high)
+        want_clip = rho > 1 + eps_high if sign > 0 else rho < 1 - eps_low  # only against the advantage's direction
         assert torch.equal(clipped, want_clip), (sign, clipped)
         want = -torch.where(want_clip, rho.clamp(1 - eps_low, 1 + eps_high), rho) * adv
         assert torch.allclose(loss, want, atol=1e-6)
-        # the gradient vanishes exactly on clipped tokens
-        lp = logp.clone().requires_grad_(True)
-        step.clipped_surrogate(lp, old, adv, eps_low, eps_high)[0].sum().backward()
+        lp = logp.clone().requires_grad_(True)  # the gradient vanishes exactly on clipped tokens
+        grpo.clipped_surrogate(lp, old, adv, eps_low, eps_high)[0].sum().backward()
         assert torch.equal(lp.grad == 0, want_clip)
 
 
@@ -300,162 +64,138 @@ def test_aggregations_agree_when_lengths_are_equal():
     torch.manual_seed(0)
     x = torch.randn(4, 6)
     full = torch.ones(4, 6)
-    values = [step.aggregate(x, full, m) for m in ("grpo", "bnpo", "dr_grpo")]
+    values = [grpo.aggregate(x, full, m) for m in ("grpo", "bnpo", "dr_grpo")]
     assert torch.allclose(values[0], values[1]) and torch.allclose(values[0], values[2])
     assert torch.allclose(values[0], x.mean())
     ragged = torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 6, [1] * 3 + [0] * 3])
-    g, b, d = (step.aggregate(x, ragged, m) for m in ("grpo", "bnpo", "dr_grpo"))
+    g, b, d = (grpo.aggregate(x, ragged, m) for m in ("grpo", "bnpo", "dr_grpo"))
     rows = [x[i, :int(ragged[i].sum())].mean() for i in range(4)]
     assert torch.allclose(g, torch.stack(rows).mean())
     assert torch.allclose(b, x[ragged.bool()].mean())
     assert torch.allclose(d, x[ragged.bool()].sum() / 24)
     assert not torch.allclose(g, b)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
-        step.aggregate(x, full, "mean")
+        grpo.aggregate(x, full, "mean")
 
 
-# ----------------------------------------------------------------------------- rollouts
-
-@pytest.mark.parametrize("shared", [True, False])
-def test_rollout_samples_the_models_distribution(fresh, shared, monkeypatch):
-    """At every decode step the logits handed to the sampler equal a full HF forward's logits over
-    the K-repeated prompt + the tokens so far (the cache, positions, padding and masking are right)."""
-    model, processor = fresh
-    images, K, T = random_images(2), 2, 8
-    seen = []
-    real = rollouts.sample_tokens
-    monkeypatch.setattr(rollouts, "sample_tokens", lambda logits, *a, **kw: seen.append(logits.clone()) or real(logits, *a, **kw))
-    _, ids, _ = sample(model, processor, images, K, T, seed=3, temperature=0.8, shared_prefix=shared, force_length=True)
-    assert len(seen) == T and len(set(map(tuple, ids.tolist()))) > 1
-    text = mgiqa.prompt_text(processor)
-    enc = processor(text=[text] * (len(images) * K), images=[im for im in images for _ in range(K)],
-                    padding=True, return_tensors="pt")
-    assert (enc["attention_mask"] == 0).any()  # left padding is exercised
-    with torch.no_grad():
-        logits = model(input_ids=torch.cat([enc["input_ids"], ids], 1),
-                       attention_mask=torch.cat([enc["attention_mask"], torch.ones_like(ids)], 1),
-                       mm_token_type_ids=torch.cat([enc["mm_token_type_ids"], torch.zeros_like(ids)], 1),
-                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits.float()
-    Tp, masked = enc["input_ids"].shape[1], mgiqa.banned_token_ids(processor) + mgiqa.eos_ids(model, processor)
-    for t in range(T):
-        want = logits[:, Tp - 1 + t].clone()
-        want[:, masked] = -float("inf")
-        assert torch.equal(seen[t].isinf(), want.isinf())
-        assert (seen[t] - want)[~want.isinf()].abs().max() < 1e-4, t
+def test_attribute_credit_gives_each_score_token_its_attributes_advantage():
+    # one image, K = 3; per-attribute rewards chosen so every attribute's group advantage differs
+    per_attr = torch.tensor([[[0.1, 0.9, 0.5, 0.2, 0.7], [0.4, 0.3, 0.5, 0.8, 0.1], [0.7, 0.6, 0.2, 0.5, 0.4]]])
+    rewards = {"total": per_attr.sum(-1), "per_attribute": per_attr, "format": torch.tensor([[1.0, 0.0, 1.0]])}
+    attr_tokens = torch.tensor([[-1, 0, -1, 1, 2, 3, 4], [4, 4, -1, -1, 0, -1, -1], [-1, -1, -1, -1, -1, -1, 2]])
+    adv = reward.token_advantages(rewards, attr_tokens, credit="attribute")
+    for k in range(3):
+        for t in range(7):
+            a = int(attr_tokens[k, t])
+            if a >= 0:
+                col = [float(per_attr[0, j, a]) for j in range(3)]
+                mean = sum(col) / 3
+                sd = math.sqrt(sum((c - mean) ** 2 for c in col) / 2)  # unbiased, as TRL
+                want = (col[k] - mean) / (sd + 1e-4)
+            else:
+                want = [1.0, 0.0, 1.0][k] - 2 / 3  # the format advantage, unnormalised
+            assert float(adv[k, t]) == pytest.approx(want, abs=1e-6), (k, t)
+    seq = reward.token_advantages(rewards, attr_tokens, credit="sequence")
+    assert torch.allclose(seq, reward.group_advantages(rewards["total"]).reshape(3, 1).expand(3, 7))
 
 
-class EosBiased(torch.nn.Module):
-    """An LM head that makes EOS (nearly) certain."""
+# ----------------------------------------------------------------------------- one step
 
-    def __init__(self, head, eos):
-        super().__init__()
-        self.head, self.eos = head, eos
+@pytest.fixture(scope="module")
+def lora_model(base):
+    model = copy.deepcopy(base[0])
+    lora.add_lora(model, rank=4, alpha=8)
+    randomize_lora(model)  # so the reference (adapters off) differs: a live KL term
+    return model, base[1]
+
+
+class EosSometimes(torch.nn.Linear):
+    """An LM head that makes EOS likelier, so rows end at different lengths."""
+
+    def __init__(self, head, eos, bias=5.0):
+        super().__init__(head.in_features, head.out_features, bias=False)
+        self.weight, self.eos, self.eos_bias = head.weight, eos, bias
 
     def forward(self, x):
-        out = self.head(x).clone()
-        out[..., self.eos] += 30.0
+        out = super().forward(x).clone()
+        out[..., self.eos] += self.eos_bias
         return out
 
 
-def test_force_length_gives_full_rows_without_eos(fresh):
-    model, processor = fresh
-    eos, pad = mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id
-    model.lm_head = EosBiased(model.lm_head, eos)
-    _, ids, mask = sample(model, processor, random_images(2), K=3, T=12)
-    assert ids.shape == (6, 1) and torch.isin(ids, torch.tensor(eos)).all()  # every row stops at once
-    _, ids, mask = sample(model, processor, random_images(2), K=3, T=12, force_length=True)
-    assert ids.shape == (6, 12) and mask.all() and not torch.isin(ids, torch.tensor(eos)).any()
-    assert not torch.isin(ids, torch.tensor(mgiqa.banned_token_ids(processor) + [pad])).any()
+def run_step(model, processor, cfg, images, lr=0.0, seed=0, ref=None, shared_prefix=True, **kw):
+    """One grpo_step on a copy of the model with text_reward; returns the copy (with its gradients) and the figures."""
+    m = copy.deepcopy(model)
+    cfg = copy.deepcopy(cfg)
+    cfg.grad_clip = 1e9
+    opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=lr)
+    policy = distributed.wrap(m, False, torch.float32, shared_prefix)
+    tokens = grpo.Tokens.resolve(cfg, m, processor)
+    torch.manual_seed(seed)
+    stats = grpo.grpo_step(cfg, policy, processor, fake_batch(len(images)), encode(m, processor, images), opt, tokens,
+                           ref=ref, reward_fn=text_reward, **kw)
+    return m, stats
 
 
-# ----------------------------------------------------------------------------- shared prefix == straightforward
+def marked_at_random(tokenizer, ids, mask):
+    """Score-token marks for random text (the real rule finds none in it), so the entropy bonus is live."""
+    g = torch.Generator().manual_seed(0)
+    return torch.where(torch.rand(ids.shape, generator=g) < 0.4, torch.randint(0, 5, ids.shape, generator=g), -1)
 
-def test_shared_and_straightforward_paths_agree(fresh, monkeypatch):
-    """Same seed: the same rollouts, rewards, advantages; log-probs within 1e-5; one grpo_step
-    gives the same loss, KL and gradients."""
-    monkeypatch.setattr(reward, "mg_reward", text_reward)
-    model, processor = fresh
-    lora.add_lora(model, rank=4, alpha=8)
-    randomize_lora(model)  # so the reference (adapters off) differs and the KL term is live
-    images, K = random_images(2), 3
-    cfg = small_cfg(num_generations=K, max_new_tokens=10, lr=0.0)
-    out = {}
-    for shared in (True, False):
-        m = copy.deepcopy(model)
-        p, ids, mask = sample(m, processor, images, K, T=10, shared_prefix=shared)
-        completions = mgiqa.decode_completions(processor, ids, mgiqa.eos_ids(m, processor))
-        rewards = text_reward(completions, fake_batch(2)["P"], None)
-        adv = reward.token_advantages(rewards, torch.full_like(ids, -1))
-        m.train()
-        with torch.no_grad():
-            logp = rollouts.completion_logprobs(m, p, K, ids, mask, 1.0, mgiqa.banned_token_ids(processor), shared)
-        torch.manual_seed(5)
-        opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=0.0)
-        stats = step.grpo_step({**cfg, "straightforward": not shared}, parallel.Policy(m), processor,
-                               fake_batch(2), images, text_reward, optimizer=opt)
-        out[shared] = dict(ids=ids, rewards=rewards["total"], adv=adv, logp=logp, stats=stats, grads=grads(m))
-    a, b = out[True], out[False]
-    assert torch.equal(a["ids"], b["ids"])
-    assert torch.equal(a["rewards"], b["rewards"]) and a["rewards"].std() > 0
-    assert torch.equal(a["adv"], b["adv"])
-    assert (a["logp"] - b["logp"]).abs().max() < 1e-5
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("entropy", [0.0, 0.3])
+def test_micro_batches_give_the_full_batchs_gradient(lora_model, loss_type, entropy, monkeypatch):
+    model, processor = lora_model
+    model = copy.deepcopy(model)
+    model.lm_head = EosSometimes(model.lm_head, mgiqa.eos_ids(model, processor))
+    monkeypatch.setattr(reward, "score_token_attributes", marked_at_random)
+    cfg = small_cfg(num_generations=2, max_new_tokens=8, loss_type=loss_type, entropy_coef=entropy, beta=0.04,
+                    credit="attribute")
+    images = random_images(3)
+    full, s_full = run_step(model, processor, cfg, images)
+    cfg.micro_batch = 1
+    micro, s_micro = run_step(model, processor, cfg, images)
+    assert s_full["completions"] == s_micro["completions"] and 1 < s_full["length"] < 8  # same rollouts, unequal lengths
+    assert_close_grads(grads(micro), grads(full), rel=1e-5)
+    for key in ("loss", "kl", "entropy"):
+        assert s_micro[key] == pytest.approx(s_full[key], rel=1e-5, abs=1e-7), key
+    assert s_full["kl"] > 0 and (entropy == 0) == (s_full["entropy"] == 0)
+
+
+def test_second_iteration_clips_against_the_pre_update_policy(lora_model, monkeypatch):
+    model, processor = lora_model
+    seen, surrogate = [], grpo.clipped_surrogate
+
+    def recording(logp, old_logp, advantages, eps_low, eps_high):
+        out = surrogate(logp, old_logp, advantages, eps_low, eps_high)
+        seen.append((logp.detach().clone(), old_logp.detach().clone(), advantages, out[1]))
+        return out
+
+    monkeypatch.setattr(grpo, "clipped_surrogate", recording)
+    cfg = small_cfg(num_generations=2, max_new_tokens=8, num_iterations=2, epsilon=0.05, epsilon_high=0.05, beta=0.0)
+    _, stats = run_step(model, processor, cfg, random_images(3), lr=5e-2, seed=1)
+    (lp1, old1, a1, clip1), (lp2, old2, a2, clip2) = seen
+    assert torch.equal(old1, old2)  # both iterations compare with the policy that sampled
+    assert (lp1 - old1).abs().max() < 1e-5 and not clip1.any()  # first iteration: rho = 1
+    rho = torch.exp(lp2 - old2)
+    assert (rho - 1).abs().max() > 0.05  # the update moved the policy beyond the clip band
+    want = torch.clamp(rho, 0.95, 1.05) * a2 < rho * a2
+    assert torch.equal(clip2, want) and want.any()
+    assert stats["clip"] == pytest.approx(float(want.float().mean()) / 2, rel=1e-6)  # per update: the mean of 0 and this
+
+
+def test_shared_and_plain_steps_agree(lora_model):
+    """The same seed: the same rollouts and rewards; the same loss, KL and gradients from both paths."""
+    model, processor = lora_model
+    cfg = small_cfg(num_generations=3, max_new_tokens=10, lr=0.0)
+    out = {shared: run_step(model, processor, cfg, random_images(2), shared_prefix=shared) for shared in (True, False)}
+    (a_model, a), (b_model, b) = out[True], out[False]
+    assert a["completions"] == b["completions"]
     for key in ("reward", "loss", "kl", "grad_norm"):
-        assert abs(a["stats"][key] - b["stats"][key]) <= 1e-5 * max(1.0, abs(b["stats"][key])), key
-    assert a["stats"]["kl"] > 0
-    assert_close_grads(a["grads"], b["grads"])
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert a["kl"] > 0
+    assert_close_grads(grads(a_model), grads(b_model))
 
-
-@pytest.mark.parametrize("mode", ["full", "lora_vision"])
-def test_shared_prefix_gradient_equals_straightforward(fresh, mode):
-    """One vision pass per image, its features and prompt KV cache expanded to K rows: the gradient
-    reaching every trainable weight, vision tower included, equals the K-times-repeated forward's."""
-    model, processor = fresh
-    if mode == "full":
-        model.requires_grad_(True)
-    else:
-        lora.add_lora(model, rank=4, alpha=8, vision=True)
-        randomize_lora(model)
-    images, K = random_images(2), 3
-    p, ids, mask = sample(model, processor, images, K, T=8)
-    ids = cut_row(ids, 2, 3, mgiqa.eos_ids(model, processor)[0], processor.tokenizer.pad_token_id)
-    mask = rollouts.completion_mask(ids, mgiqa.eos_ids(model, processor))
-    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(0))
-    model.train()
-    out = {}
-    for shared in (True, False):
-        model.zero_grad(set_to_none=True)
-        logp = rollouts.completion_logprobs(model, p, K, ids, mask, 1.0, mgiqa.banned_token_ids(processor), shared)
-        (logp * weights * mask).sum().backward()
-        out[shared] = grads(model)
-    vision = [n for n in out[True] if ".visual." in f".{n}"]
-    assert vision and all(out[True][n].abs().sum() > 0 for n in vision)
-    assert_close_grads(out[True], out[False])
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_shared_prefix_with_gradient_checkpointing(fresh):
-    """HF's gradient checkpointing drops the KV cache inside checkpointed layers while grad is on;
-    the training forward must still see the prompt (values and gradients as without it)."""
-    model, processor = fresh
-    lora.add_lora(model, rank=4, alpha=8)
-    randomize_lora(model)
-    images, K = random_images(2), 2
-    p, ids, mask = sample(model, processor, images, K, T=6)
-    banned = mgiqa.banned_token_ids(processor)
-    model.train()
-    logp0 = rollouts.completion_logprobs(model, p, K, ids, mask, 1.0, banned, False)
-    logp0.sum().backward()
-    want = grads(model)
-    model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as grpo.build_model
-    model.train()
-    logp = rollouts.completion_logprobs(model, p, K, ids, mask, 1.0, banned, True)
-    assert (logp - logp0).abs().max() < 1e-5
-    logp.sum().backward()
-    assert_close_grads(grads(model), want)
-
-
-# ----------------------------------------------------------------------------- LoRA and the reference
 
 def test_reference_with_adapters_disabled_equals_base(fresh):
     base_model, processor = fresh
@@ -463,11 +203,10 @@ def test_reference_with_adapters_disabled_equals_base(fresh):
     wrapped = lora.add_lora(model, rank=4, alpha=8)
     assert {n.rsplit(".", 1)[-1] for n in wrapped} == set(lora.LM_TARGETS) and not any(".visual." in f".{n}" for n in wrapped)
     randomize_lora(model)
-    images, K = random_images(2), 2
-    p, ids, mask = sample(base_model, processor, images, K, T=8)
-    banned = mgiqa.banned_token_ids(processor)
+    from conftest import sample
+    p, ids, mask = sample(base_model, processor, random_images(2), K=2, T=8)
     with torch.no_grad():
-        lp = lambda m: rollouts.completion_logprobs(m, p, K, ids, mask, 1.0, banned)  # noqa: E731
+        lp = lambda m: rollouts.logprobs_shared(m, p, ids, mask, K=2)[0]  # noqa: E731
         base_lp, policy_lp = lp(base_model), lp(model)
         with lora.adapters_disabled(model):
             ref_lp = lp(model)
@@ -477,8 +216,7 @@ def test_reference_with_adapters_disabled_equals_base(fresh):
     assert torch.equal(again, policy_lp)  # and are back on after the context
 
 
-def test_one_step_changes_lora_weights_and_nothing_else(monkeypatch):
-    monkeypatch.setattr(reward, "mg_reward", text_reward)
+def test_one_step_changes_lora_weights_and_nothing_else():
     cfg = small_cfg()
     torch.manual_seed(0)
     model, processor, ref = grpo.build_model(cfg)
@@ -486,12 +224,12 @@ def test_one_step_changes_lora_weights_and_nothing_else(monkeypatch):
     trainable = {n for n, q in model.named_parameters() if q.requires_grad}
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg["lr"])
-    policy = parallel.Policy(model)
-    images = random_images(2)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr)
+    policy, tokens = distributed.wrap(model, False, torch.float32), grpo.Tokens.resolve(cfg, model, processor)
+    p = encode(model, processor, random_images(2))
     for i in range(2):  # lora_B starts at 0, so lora_A's gradient is 0 until B has moved
         torch.manual_seed(i)
-        step.grpo_step(cfg, policy, processor, fake_batch(2), images, text_reward, optimizer=opt)
+        grpo.grpo_step(cfg, policy, processor, fake_batch(2), p, opt, tokens, reward_fn=text_reward)
     after = model.state_dict()
     for n in before:
         if ".lora_" in n:
@@ -500,18 +238,18 @@ def test_one_step_changes_lora_weights_and_nothing_else(monkeypatch):
             assert torch.equal(before[n], after[n]), f"{n} changed but is not a LoRA weight"
 
 
-def test_full_step_changes_trainable_weights_not_the_reference(monkeypatch):
-    monkeypatch.setattr(reward, "mg_reward", text_reward)
+def test_full_step_changes_trainable_weights_not_the_reference():
     cfg = small_cfg(full=True, lr=1e-3)
     torch.manual_seed(0)
     model, processor, ref = grpo.build_model(cfg)
     assert ref is not None and not any(q.requires_grad for q in ref.parameters())
     assert all(q.requires_grad for q in model.parameters())
     before, ref_before = copy.deepcopy(model.state_dict()), copy.deepcopy(ref.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     torch.manual_seed(0)
-    step.grpo_step(cfg, parallel.Policy(model), processor, fake_batch(2), random_images(2), text_reward,
-                   ref=parallel.Policy(ref), optimizer=opt)
+    grpo.grpo_step(cfg, distributed.wrap(model, False, torch.float32), processor, fake_batch(2),
+                   encode(model, processor, random_images(2)), opt, grpo.Tokens.resolve(cfg, model, processor),
+                   ref=distributed.wrap(ref, False, torch.float32), reward_fn=text_reward)
     after = model.state_dict()
     params = {n for n, _ in model.named_parameters()}
     unchanged = [n for n in params if torch.equal(before[n], after[n])]
@@ -521,77 +259,29 @@ def test_full_step_changes_trainable_weights_not_the_reference(monkeypatch):
         assert torch.equal(t, ref_before[n]), f"reference weight {n} changed"
 
 
-def test_peft_layout_adapter_loads_back(tmp_path):
-    cfg = small_cfg()
-    torch.manual_seed(0)
-    model, processor, _ = grpo.build_model(cfg)  # tiny_vlm(0): the model mgiqa.load("tiny") rebuilds
-    randomize_lora(model, std=0.2)
-    lora.save_adapter(model, tmp_path / "adapter", 4, 8, 0.0, "tiny")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    wrapped = {n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
-    assert set(config["target_modules"]) == wrapped and not any(".visual." in f".{n}." for n in wrapped)
-    assert {n.rsplit(".", 1)[-1] for n in wrapped} == set(lora.LM_TARGETS)
-    from safetensors.torch import load_file
-    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    modules = dict(model.named_modules())
-    for key, value in weights.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-        assert m, key
-        lin = modules[m.group(1)].base
-        assert value.shape == ((4, lin.in_features) if m.group(2) == "A" else (lin.out_features, 4))
-    images = random_images(2)
-    want = full_logits(model, processor, images)
-    loaded, _ = mgiqa.load("tiny", device="cpu", adapter=str(tmp_path / "adapter"))
-    got = full_logits(loaded, processor, images)
-    assert (want - full_logits(mgiqa.tiny_vlm(0, "tiny")[0], processor, images)).abs().max() > 1e-2
-    assert (got - want).abs().max() < 1e-4
-    again, _, _ = grpo.build_model(cfg)  # into a wrapped model (what resume does)
-    lora.load_adapter_weights(again, tmp_path / "adapter")
-    assert (full_logits(again, processor, images) - want).abs().max() < 1e-6
+def test_batch_meets_the_device():
+    P, M = torch.zeros(5, 2, 2), torch.zeros(5, 2, 2, dtype=torch.bool)
+    batch = grpo.to_device({"P": P, "M": M, "labels": torch.zeros(2, 5), "records": ["a", "b"], "dataset": "d"}, "meta")
+    assert all(batch[k].device.type == "meta" for k in ("P", "M", "labels")) and batch["records"] == ["a", "b"]
+    model, processor = mgiqa.load("tiny", device="cpu")
+    p = encode(model, processor, [Image.new("RGB", (56, 56))])
+    moved = rollouts.to_device(p, "meta")
+    assert all(getattr(moved, f).device.type == "meta" for f in ("input_ids", "attention_mask", "positions", "pixel_values"))
 
 
-def test_peft_loads_our_adapter_with_our_logits_and_merge(tmp_path):
-    """PEFT reads the adapter grpo.py writes: the same logits (1e-5), adapters on exactly the
-    modules we trained, and PEFT's merge_and_unload equals ours (1e-6 on the weights)."""
-    import peft  # test-only requirement (requirements.txt)
-    base, processor = mgiqa.tiny_vlm(0, "tiny")
-    base.save_pretrained(tmp_path / "base")
-    processor.save_pretrained(tmp_path / "base")
-    model, _ = mgiqa.load(str(tmp_path / "base"), device="cpu")
-    lora.add_lora(model, rank=4, alpha=8)
-    randomize_lora(model, std=0.2)
-    lora.save_adapter(model, tmp_path / "adapter", 4, 8, 0.0, str(tmp_path / "base"))
-    images = random_images(2)
-    ours = full_logits(model, processor, images)
-    plain, _ = mgiqa.load(str(tmp_path / "base"), device="cpu")
-    theirs_model = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
-    theirs = full_logits(theirs_model, processor, images)
-    assert (ours - full_logits(mgiqa.load(str(tmp_path / "base"), device="cpu")[0], processor, images)).abs().max() > 1e-2
-    assert (theirs - ours).abs().max() < 1e-5
-    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in theirs_model.named_modules()
-                    if type(m).__name__ == "Linear" and hasattr(m, "lora_A")}
-    assert peft_wrapped == {n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
-    merged_theirs = theirs_model.merge_and_unload().state_dict()
-    merged_ours = lora.merge_lora(model).state_dict()
-    assert merged_theirs.keys() == merged_ours.keys()
-    for n in merged_ours:
-        assert (merged_theirs[n] - merged_ours[n]).abs().max() < 1e-6, n
+# ----------------------------------------------------------------------------- configuration
 
-
-def test_merged_checkpoint_gives_base_plus_adapter_logits(fresh, tmp_path):
-    model, processor = fresh
-    lora.add_lora(model, rank=4, alpha=8, vision=True)
-    randomize_lora(model, std=0.2)
-    images = random_images(2)
-    want = full_logits(model, processor, images)
-    with lora.adapters_disabled(model):
-        assert (full_logits(model, processor, images) - want).abs().max() > 1e-2
-    checkpoint.save_merged(model, processor, str(tmp_path / "merged"))
-    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
-    loaded, loaded_processor = mgiqa.load(str(tmp_path / "merged"), device="cpu")
-    assert not any("lora" in n for n in loaded.state_dict())
-    assert (full_logits(loaded, loaded_processor, images) - want).abs().max() < 1e-4
+def test_command_line_is_the_config():
+    """Every Config field is a flag with its default and type; a switch has one name and one sense."""
+    args = grpo.build_parser().parse_args(["--data", "x=y", "--no-thinking", "--no-shared-prefix", "-K", "4",
+                                           "--weights", "1", "0", "0", "0", "1", "--lr", "3e-4"])
+    cfg = grpo.config_from_args(args)
+    assert cfg.thinking is False and cfg.shared_prefix is False and cfg.num_generations == 4 and cfg.lr == 3e-4
+    assert cfg.weights == [1.0, 0.0, 0.0, 0.0, 1.0] and cfg.data == ["x=y"]
+    default = grpo.config_from_args(grpo.build_parser().parse_args(["--data", "x=y"]))
+    assert default.lr == 1e-5 and grpo.Config(full=True).lr == 1e-6  # LoRA ours; --full VisualQuality-R1
+    assert (default.num_generations, default.beta, default.epsilon, default.max_new_tokens) == (6, 0.04, 0.2, 256)
+    assert default.weights == list(reward.DEFAULT_WEIGHTS) and default.shared_prefix and default.thinking
 
 
 # ----------------------------------------------------------------------------- the loop, checkpoints, resume
@@ -602,7 +292,7 @@ class Crash(Exception):
 
 @pytest.fixture(scope="module")
 def synthetic():
-    arrays, records = data.synthesize(24, 56, seed=0)
+    arrays, records = synth.synthesize(24, 56, seed=0)
     by_name = {r.image: a for r, a in zip(records, arrays)}
     return [r for r in records if r.split == "train"], lambda recs: [Image.fromarray(by_name[r.image]) for r in recs]
 
@@ -614,27 +304,24 @@ def run_train(out, synthetic, log=None, seed_noise=0):
     cfg = small_cfg(out=str(out), steps=6, save_every=3, keep=2, num_generations=2, max_new_tokens=6, lr=5e-3)
     torch.manual_seed(0)
     model, processor, ref = grpo.build_model(cfg)
-    sampler = data.Sampler({"synthetic": records}, cfg["batch_size"], seed=seed_noise)
+    sampler = data.Sampler({"synthetic": records}, cfg.batch_size, seed=seed_noise)
     random.seed(seed_noise), np.random.seed(seed_noise), torch.manual_seed(100 + seed_noise)
     lines = []
-    history = grpo.train(cfg, model, processor, sampler, images_of=images_of, ref_model=ref, log=log or lines.append)
+    prompts_of = lambda recs: encode(model, processor, images_of(recs))  # noqa: E731
+    history = grpo.train(cfg, model, processor, sampler, prompts_of=prompts_of, ref_model=ref, log=log or lines.append,
+                         reward_fn=text_reward)
     return model, history, lines
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(synthetic, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setattr(reward, "mg_reward", text_reward)
-    try:
-        model, history, _ = run_train(tmp_path_factory.mktemp("straight"), synthetic)
-    finally:
-        mp.undo()
-    return checkpoint.trainable_state(model), history
+    model, history, _ = run_train(tmp_path_factory.mktemp("straight"), synthetic)
+    return grpo.trainable_state(model), history
 
 
 def assert_same_run(model, history, uninterrupted):
     state, want_history = uninterrupted
-    got = checkpoint.trainable_state(model)
+    got = grpo.trainable_state(model)
     assert got.keys() == state.keys()
     assert any(t.abs().sum() > 0 for n, t in state.items() if ".lora_B" in n)  # it did learn something
     for n in state:
@@ -643,16 +330,14 @@ def assert_same_run(model, history, uninterrupted):
     assert [h["reward"] for h in history] == [h["reward"] for h in want_history[3:]]
 
 
-def test_resume_at_step_3_is_bit_identical(synthetic, uninterrupted, tmp_path, monkeypatch):
-    monkeypatch.setattr(reward, "mg_reward", text_reward)
-
+def test_resume_at_step_3_is_bit_identical(synthetic, uninterrupted, tmp_path):
     def crash_at_4(line):
         if line.startswith("step     4"):
             raise Crash(line)
 
     with pytest.raises(Crash):
         run_train(tmp_path, synthetic, log=crash_at_4)
-    assert checkpoint.checkpoints(tmp_path) == [3]
+    assert grpo.checkpoints(tmp_path) == [3]
     model, history, lines = run_train(tmp_path, synthetic, seed_noise=7)
     assert lines[0].startswith("resumed from") and lines[0].endswith("at step 3")
     assert_same_run(model, history, uninterrupted)
@@ -662,7 +347,6 @@ def test_resume_at_step_3_is_bit_identical(synthetic, uninterrupted, tmp_path, m
 
 
 def test_crash_during_checkpoint_write_resumes_from_previous(synthetic, uninterrupted, tmp_path, monkeypatch):
-    monkeypatch.setattr(reward, "mg_reward", text_reward)
     real_save = torch.save
 
     def dying_save(obj, path, *a, **kw):
@@ -675,16 +359,16 @@ def test_crash_during_checkpoint_write_resumes_from_previous(synthetic, uninterr
         run_train(tmp_path, synthetic)
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "checkpoint-6.tmp").is_dir() and not (tmp_path / "checkpoint-6").exists()
-    assert checkpoint.checkpoints(tmp_path) == [3]
+    assert grpo.checkpoints(tmp_path) == [3]
     model, history, lines = run_train(tmp_path, synthetic, seed_noise=3)
     assert "checkpoint-3 at step 3" in lines[0]
     assert_same_run(model, history, uninterrupted)
-    assert checkpoint.checkpoints(tmp_path) == [3, 6] and not (tmp_path / "checkpoint-6.tmp").exists()
+    assert grpo.checkpoints(tmp_path) == [3, 6] and not (tmp_path / "checkpoint-6.tmp").exists()
 
 
 def test_evaluation_during_training_draws_from_every_dataset(tmp_path):
     for name in ("alpha", "beta"):
-        data.make_synthetic(str(tmp_path / name), 20, 56, seed=len(name), dataset=name)
+        synth.make_synthetic(str(tmp_path / name), 20, 56, seed=len(name), dataset=name)
     out = tmp_path / "run"
     code = grpo.main(["--data", f"manifest={tmp_path / 'alpha'}", f"manifest={tmp_path / 'beta'}", "--out", str(out),
                       "--steps", "2", "-B", "2", "-K", "2", "--max-new-tokens", "4", "--lora-rank", "4",
@@ -694,4 +378,94 @@ def test_evaluation_during_training_draws_from_every_dataset(tmp_path):
     assert "eval" not in log[0] and set(log[1]["eval"]) == {"alpha", "beta"}
     assert sum(d["n"] for d in log[1]["eval"].values()) == 6
     assert {p.name for p in out.glob("split-*.csv")} == {"split-alpha.csv", "split-beta.csv"}
+    assert not list(out.glob("*.tmp"))  # the split files were written atomically
     json.loads((out / "log.jsonl").read_text().splitlines()[1], parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+
+
+# ----------------------------------------------------------------------------- precision, through grpo.main
+
+def answer(rng) -> str:
+    return "<answer>{" + ", ".join(f'"{a}": {rng.randint(1, 5)}' for a in mgiqa.ATTRIBUTES) + "}</answer>"
+
+
+@pytest.fixture(scope="module")
+def formatted(tmp_path_factory):
+    """A tiny model that answers in the fast layout with random scores (200 supervised steps on
+    random-digit answers, about 20 s): its rollouts parse, so the real reward has a gradient."""
+    model, processor = mgiqa.load("tiny", device="cpu")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for _ in range(8)]
+    p = encode(model, processor, images, thinking=False)
+    tok, digits = processor.tokenizer, random.Random(0)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(200):
+        ids = torch.tensor([tok(answer(digits))["input_ids"] + [eos] for _ in images])  # (8, T): one token per digit
+        hidden = rollouts.hidden_plain(model, p, ids, torch.ones_like(ids), K=1)
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden).flatten(0, 1), ids.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("formatted")
+    model.eval().save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    synth.make_synthetic(str(out / "data"), 30, 56, seed=0)
+    return out
+
+
+def train(formatted, out, *flags):
+    """3 steps of grpo.main, a checkpoint after each; returns the weights after step 1 and step 3, and the log."""
+    code = grpo.main(["--model", str(formatted / "model"), "--data", f"manifest={formatted / 'data'}", "--no-thinking",
+                      "--out", str(out), "--steps", "3", "--save-every", "1", "--keep", "3", "-B", "4", "-K", "4",
+                      "--max-new-tokens", "20", "--lora-rank", "8", "--lora-alpha", "16", "--threads", "2", *flags])
+    assert code == 0
+    name = "trainable.safetensors" if "--full" in flags else "adapter/adapter_model.safetensors"
+    first, last = (load_file(str(out / f"checkpoint-{i}" / name)) for i in (1, 3))
+    return first, last, [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+
+
+def changed_fraction(a, b, keep=lambda n: True) -> float:
+    names = [n for n in a if keep(n)]
+    assert names
+    return sum(int((a[n] != b[n]).sum()) for n in names) / sum(a[n].numel() for n in names)
+
+
+def test_bf16_lora_run_trains_fp32_adapters_and_matches_fp32_first_loss(formatted, tmp_path):
+    first, last, log = train(formatted, tmp_path / "bf16", "--dtype", "bfloat16", "--lr", "1e-5")
+    assert all(t.dtype == torch.float32 for t in last.values())  # A and B are fp32 whatever the base
+    assert log[0]["format"] > 0.2 and any(abs(s["loss"]) > 0 or s["grad_norm"] > 0 for s in log)
+    # B moved from step 1 on; A (whose gradient is 0 while B = 0) from step 2 on: so steps 1 -> 3
+    assert changed_fraction(first, last, lambda n: "lora_A" in n) > 0.99
+    assert changed_fraction(first, last, lambda n: "lora_B" in n) > 0.99
+    _, _, log32 = train(formatted, tmp_path / "fp32", "--dtype", "float32", "--lr", "1e-5")
+    # with one iteration rho = 1, so the first loss is -mean advantage + beta * 0: ~0 in both
+    assert log[0]["loss"] == pytest.approx(log32[0]["loss"], abs=1e-4)
+
+
+def test_bf16_full_run_keeps_fp32_master_weights(formatted, tmp_path):
+    first, last, _ = train(formatted, tmp_path / "full", "--full", "--dtype", "bfloat16", "--lr", "1e-6")
+    assert all(t.dtype == torch.float32 for t in last.values())
+    assert changed_fraction(first, last) > 0.99  # a bf16 weight would have kept ~98% of them (update < half an ulp)
+    model, _ = mgiqa.load(str(tmp_path / "full" / "final"), device="cpu", dtype="float32")  # final/: the trained model
+    params = dict(model.named_parameters())
+    assert params.keys() == last.keys() and all(torch.equal(params[n], last[n]) for n in last)
+
+
+def test_bf16_compute_logprobs_match_fp32(formatted):
+    """The same completions scored by the bf16-base LoRA model (adapter matmuls in bf16 too) and by the
+    fp32 one: within bf16 rounding; the adapters' weights stay fp32."""
+    lps = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model, processor = mgiqa.load(str(formatted / "model"), device="cpu", dtype=str(dtype).removeprefix("torch."))
+        lora.add_lora(model, rank=4, alpha=8)
+        randomize_lora(model, std=0.05)
+        assert all(m.lora_A.dtype == torch.float32 for m in model.modules() if isinstance(m, lora.LoRALinear))
+        images = [Image.fromarray(np.full((56, 56, 3), 120, dtype=np.uint8))] * 2
+        p = encode(model, processor, images, thinking=False)
+        ids = torch.tensor([processor.tokenizer(answer(random.Random(i)))["input_ids"] for i in range(4)])
+        with torch.no_grad():
+            lps.append(rollouts.logprobs_shared(model, p, ids, torch.ones_like(ids), K=2)[0])
+    assert lps[1].dtype == torch.float32
+    assert (lps[0] - lps[1]).abs().mean() < 0.05 and (lps[0] - lps[1]).abs().max() < 0.3
+

@@ -1,4 +1,4 @@
-"""The scorer: prompt, parsing, image loading, tiny_vlm, load, score and the CLI."""
+"""The scorer: prompt, parsing, image loading, the offline models, load, score, token budgets and the CLI."""
 import json
 import math
 import os
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import mgiqa
-from tiny import SPECIAL_TOKENS
+import tiny
 from mgiqa import ATTRIBUTES, parse_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,46 +164,34 @@ def test_load_image_errors_name_the_file(tmp_path):
         assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-# ----------------------------------------------------------------------------- tiny_vlm, load, score
+# ----------------------------------------------------------------------------- offline models, load, score
 
 @pytest.fixture(scope="module")
-def tiny():
-    return mgiqa.tiny_vlm(seed=0)
+def tiny_model():
+    return mgiqa.load("tiny", device="cpu")
 
 
-def sharpen(model, seed=0):
-    """Wider random weights, so greedy outputs depend on the image (at init they are all '\\n')."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3, generator=g)
-    return model
-
-
-def test_tiny_vlm_is_deterministic_and_small(tiny):
-    model, processor = tiny
-    model2, processor2 = mgiqa.tiny_vlm(seed=0)
+def test_tiny_model_is_deterministic_and_small(tiny_model):
+    model, processor = tiny_model
+    model2, processor2 = mgiqa.load("tiny", device="cpu")
     n = sum(p.numel() for p in model.parameters())
     assert n < 1_000_000
     for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.equal(a, b), k
     assert processor.tokenizer.get_vocab() == processor2.tokenizer.get_vocab()
-    model3, _ = mgiqa.tiny_vlm(seed=1)
+    model3, _ = mgiqa.load("tiny", device="cpu", seed=1)
     assert not torch.equal(model.lm_head.weight, model3.lm_head.weight)
     # a score is one token, Qwen's special tokens are single tokens
     tok = processor.tokenizer
     for digit in "12345":
         assert tok.tokenize(f'"overall": {digit}')[-1] == digit
-    for special in SPECIAL_TOKENS:
+    for special in tiny.SPECIAL_TOKENS:
         assert tok.tokenize(special) == [special]
 
 
 def test_small_size_parameter_count():
-    model, _ = mgiqa.tiny_vlm(seed=0, size="small")
+    model, _ = mgiqa.load("small", device="cpu")
     assert 20e6 <= sum(p.numel() for p in model.parameters()) <= 50e6
-    with pytest.raises(ValueError, match="tiny"):
-        mgiqa.tiny_vlm(size="huge")
 
 
 def forward_logits(model, processor, image):
@@ -212,8 +200,8 @@ def forward_logits(model, processor, image):
         return model(**enc).logits
 
 
-def test_save_load_roundtrip(tiny, tmp_path):
-    model, processor = tiny
+def test_save_load_roundtrip(tiny_model, tmp_path):
+    model, processor = tiny_model
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     model2, processor2 = mgiqa.load(str(tmp_path), device="cpu")
@@ -232,23 +220,26 @@ def test_load_errors(tmp_path):
         mgiqa.load(str(tmp_path))
 
 
-def test_score_batch_size_does_not_change_results():
-    model, processor = mgiqa.tiny_vlm(seed=0)
-    sharpen(model)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_score_batch_size_does_not_change_results(padding_side):
+    """Batched greedy scoring with the real Qwen2.5-VL processor equals one image at a time, with images
+    of different sizes (padding), whichever padding side the checkpoint's tokenizer declares."""
+    model, processor = tiny.build("tiny-qwen2.5-vl", seed=0, init_scale=0.2)
+    processor.tokenizer.padding_side = padding_side
     rng = np.random.RandomState(0)
-    images = [Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")) for h, w in [(56, 56), (84, 56), (112, 84), (56, 140), (70, 70)]]
-    one = mgiqa.score(model, processor, images, batch_size=1, max_new_tokens=24)
-    four = mgiqa.score(model, processor, images, batch_size=4, max_new_tokens=24)
+    images = [Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")) for h, w in [(56, 56), (84, 56), (112, 84), (56, 140)]]
+    one = mgiqa.score(model, processor, images, batch_size=1, max_new_tokens=12)
+    four = mgiqa.score(model, processor, images, batch_size=4, max_new_tokens=12)
     assert [r["completion"] for r in one] == [r["completion"] for r in four]
     assert len({r["completion"] for r in one}) > 1  # outputs depend on the image, so the check means something
-    again = mgiqa.score(model, processor, images[:2], batch_size=2, max_new_tokens=24)
+    again = mgiqa.score(model, processor, images[:2], batch_size=2, max_new_tokens=12)
     assert [r["completion"] for r in again] == [r["completion"] for r in one[:2]]
     for r in one:
         assert set(ATTRIBUTES) <= set(r) and isinstance(r["strict"], bool) and "reasoning" in r
 
 
-def test_score_num_samples_reports_std(tiny):
-    model, processor = tiny
+def test_score_num_samples_reports_std(tiny_model):
+    model, processor = tiny_model
     image = Image.new("RGB", (56, 56), (100, 120, 140))
     [result] = mgiqa.score(model, processor, [image], num_samples=3, temperature=1.0, max_new_tokens=8)
     assert len(result["completions"]) == 3 and set(result["std"]) == set(ATTRIBUTES)
@@ -256,12 +247,18 @@ def test_score_num_samples_reports_std(tiny):
         mgiqa.score(model, processor, [image], num_samples=3)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "mgiqa.py"), *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+@pytest.fixture
+def run_cli(capsys):
+    """mgiqa.main in this process: its exit code, stdout and stderr."""
+    def run(*args):
+        capsys.readouterr()
+        code = mgiqa.main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run
 
 
-def test_cli_scores_png_and_jpeg_and_reports_bad_files(tmp_path):
+def test_cli_scores_png_and_jpeg_and_reports_bad_files(tmp_path, run_cli):
     png, jpg = tmp_path / "a.png", tmp_path / "b.jpg"
     Image.new("RGB", (60, 50), (200, 10, 10)).save(png)
     Image.new("RGB", (90, 70), (10, 200, 10)).save(jpg)
@@ -280,3 +277,39 @@ def test_cli_scores_png_and_jpeg_and_reports_bad_files(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 and all(str(p) in e for p, e in zip((missing, truncated, text), errors))
     assert "a.png" in out.stdout  # the good image is still scored
+
+
+# ----------------------------------------------------------------------------- token budgets, real tokenizer
+
+def longest_valid_answer(thinking: bool, indent=None) -> str:
+    """Five two-decimal scores (the prompt's layout), optionally pretty-printed; with a one-sentence reasoning."""
+    answer = json.dumps({a: 4.75 for a in ATTRIBUTES}, indent=indent)
+    think = "<think>The edges are soft, colors natural, a little grain in the shadows, and the subject sits off-centre.</think>"
+    return (think if thinking else "") + f"<answer>{answer}</answer>"
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_default_budgets_hold_the_longest_valid_answer_in_real_tokens(name):
+    """Qwen's tokenizers spend one token per digit: the answer alone is ~50 tokens. Each default budget
+    holds the longest valid answer (pretty-printed JSON too) plus its EOS, and parses strictly."""
+    processor = tiny.real_processor(name)
+    for thinking in (True, False):
+        for indent in (None, 2):
+            text = longest_valid_answer(thinking, indent)
+            assert mgiqa.parse_answer(text, strict=True, thinking=thinking) is not None
+            n = len(processor.tokenizer(text).input_ids) + 1  # + <|im_end|>
+            assert n <= mgiqa.MAX_NEW_TOKENS[thinking], (thinking, indent, n)
+    compact = len(processor.tokenizer(longest_valid_answer(False)).input_ids)
+    assert 45 <= compact <= 55  # 50 with two decimals, measured with this tokenizer
+
+
+def test_prompt_token_counts_with_the_real_processor():
+    """What a real prompt costs: the text (~285 tokens thinking) plus the image (640x480: 391 tokens)."""
+    processor = tiny.real_processor("tiny-qwen2.5-vl")
+    image = Image.new("RGB", (640, 480), (90, 120, 150))
+    counts = {}
+    for thinking in (True, False):
+        enc = processor(text=[mgiqa.prompt_text(processor, thinking)], images=[image], return_tensors="pt")
+        counts[thinking] = int(enc["input_ids"].shape[1])
+        assert int((enc["input_ids"] == 151655).sum()) == 391
+    assert 391 + 200 < counts[True] < 391 + 350 and counts[False] < counts[True]

@@ -1,12 +1,7 @@
 """report.py: strict JSON that round-trips, and the HTML report's structure read back with Python's
 own HTML parser (every image present and embedded, the scores as in the rows, worst-ranked first,
-nothing fetched from outside the file)."""
-import base64
-import io
-import json
+nothing fetched from outside the file; the parser and checks are conftest.py's report helpers)."""
 import math
-import os
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -14,84 +9,11 @@ from PIL import Image
 
 import evaluate as ev
 import report
+from conftest import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
 from data import Record
 from mgiqa import ATTRIBUTES
 
 NAN = math.nan
-
-
-class ReportParser(HTMLParser):
-    """Cards (one per image: its data-* attributes, the <img> src, the bars' data-score / data-gt),
-    every src/href, the tags seen, the SVG charts and the text of table cells."""
-
-    def __init__(self):
-        super().__init__()
-        self.cards, self.links, self.tags, self.svgs, self.cells, self._in_cell = [], [], [], 0, [], False
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        self.tags.append(tag)
-        self.links += [a[k] for k in ("src", "href") if k in a]
-        if tag == "figure" and "card" in a.get("class", ""):
-            self.cards.append({**{k[5:]: v for k, v in a.items() if k.startswith("data-")}, "bars": {}, "img": None})
-        elif tag == "img" and self.cards:
-            self.cards[-1]["img"] = a["src"]
-        elif tag == "span" and "data-attr" in a:
-            self.cards[-1]["bars"][a["data-attr"]] = (float(a["data-score"]), float(a["data-gt"]))
-        elif tag == "svg":
-            self.svgs += 1
-        self._in_cell = tag == "td"
-
-    def handle_data(self, text):
-        if self._in_cell:
-            self.cells.append(text)
-
-
-def parse_report(text: str) -> ReportParser:
-    p = ReportParser()
-    p.feed(text)
-    p.close()
-    return p
-
-
-def assert_self_contained(p: ReportParser) -> None:
-    assert "link" not in p.tags and "iframe" not in p.tags
-    assert all(x.startswith(("data:", "#")) for x in p.links), [x for x in p.links if not x.startswith(("data:", "#"))][:3]
-
-
-def same(a, b) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or a == b
-
-
-def assert_cards_match_rows(p: ReportParser, rows) -> None:
-    """One card per row, the image embedded and decodable, each score (and label) as in the row."""
-    by_image = {c["image"]: c for c in p.cards}
-    assert len(p.cards) == len(rows) and set(by_image) == {r["image"] for r in rows}
-    for row in rows:
-        c = by_image[row["image"]]
-        assert c["img"].startswith("data:image/")
-        Image.open(io.BytesIO(base64.b64decode(c["img"].split(",", 1)[1]))).verify()
-        for a in ATTRIBUTES:
-            score, gt = c["bars"][a]
-            assert same(score, row[a]) and same(gt, ev.label(row, a)), (row["image"], a)
-
-
-def strict_json_files(folder) -> list[str]:
-    """Every .json / .jsonl under folder, each parsed with a reader that refuses NaN and Infinity."""
-    def refuse(token):
-        raise ValueError(f"not strict JSON: {token}")
-    names = []
-    for d, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(d, f)
-            if f.endswith(".json"):
-                json.loads(open(path).read(), parse_constant=refuse)
-            elif f.endswith(".jsonl"):
-                [json.loads(line, parse_constant=refuse) for line in open(path) if line.strip()]
-            else:
-                continue
-            names.append(os.path.relpath(path, folder))
-    return names
 
 
 # ----------------------------------------------------------------------------- strict JSON
@@ -147,7 +69,11 @@ def test_report_structure_scores_order_self_contained(tmp_path):
     assert p.cards[0]["image"] == rows[4]["image"] and p.cards[0]["err"] == "2"
     errs = [float(c["err"]) for c in p.cards[1:]]
     assert errs == sorted(errs, reverse=True) and max(errs) <= 1
-    assert [int(c["index"]) for c in p.cards] == report.order(rows)[0]
+    idx, err, rank_p, rank_m = report.order(rows)
+    assert [int(c["index"]) for c in p.cards] == idx
+    ok = np.isfinite(rank_p)  # report.py's own ranks (it imports no metric code) are evaluate.rankdata's
+    assert np.array_equal(rank_p[ok], ev.rankdata([-r["overall"] for r, k in zip(rows, ok) if k]))
+    assert np.array_equal(rank_m[ok], ev.rankdata([-r["mos"] for r, k in zip(rows, ok) if k]))
     srcc = summary["datasets"]["toy"]["metrics"]["overall"]["srcc"]
     assert f"{srcc:.3f}" in p.cells  # the metrics table
     limited = parse_report(report.html_report(rows, recs, summary, "t", max_images=3))

@@ -1,21 +1,21 @@
-"""Timing of grpo.py's GRPO step: the optimised path against the straightforward one.
+"""Timing of grpo.py's GRPO step: the shared-prefix path (the default) against the plain one.
 
-    python bench.py --size small --image-size 448 -B 2 -K 6 --new-tokens 64 --steps 3 --threads 2
+    python scripts/bench.py --model small --image-size 448 -B 2 -K 6 --new-tokens 64 --steps 3 --threads 2
 
-optimised (the default grpo path): rollouts prefill each image's prompt once and sample its K
-completions from the expanded KV cache; the training forward runs the vision tower and the prompt
-once per image, its cache (with its graph) expanded to the K rows, and only completion positions
-reach the LM head. straightforward (cfg straightforward=True, the readable reference): every prompt
-repeated K times before the vision tower, B*K rows prefilled from scratch and trained on whole.
+shared (Config.shared_prefix, the default): rollouts prefill each image's prompt once and sample its
+K completions from the expanded KV cache; the training forward packs [prompt, K completions] into
+one row per image (rollouts.hidden_shared). plain (--no-shared-prefix, the path the equations
+describe): every prompt repeated K times before the vision tower, B*K rows prefilled and trained on.
 
 Each path runs in its own subprocess (peak memory is per process) with the same torch thread
 count, on one fixed synthetic batch (random images, random labels), LoRA as grpo's defaults, every
 completion forced to exactly --new-tokens tokens; one warm-up step, then --steps timed steps of
 step.grpo_step. Prints one JSON line per path (path, sec_per_step, gen_s, reward_s, update_s,
 peak_mem_mib: RSS high-water mark on CPU, torch.cuda.max_memory_allocated on GPU), then
-{"ratio": optimised sec_per_step / straightforward sec_per_step}.
+{"ratio": shared sec_per_step / plain sec_per_step}.
 """
 import argparse
+import os
 import json
 import resource
 import subprocess
@@ -25,22 +25,24 @@ import time
 import numpy as np
 import torch
 
-PATHS = ("optimised", "straightforward")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+PATHS = ("shared", "plain")
 
 
 def run_path(args) -> dict:
     """One path, in this process: warm-up step, then args.steps timed steps."""
+    import distributed
     import grpo
-    import parallel
-    import step
+    import mgiqa
+    import rollouts
     from mgiqa import ATTRIBUTES
     from PIL import Image
     from reward import preference_matrix
 
     torch.set_num_threads(args.threads)
-    cfg = {**grpo.DEFAULTS, "model": args.size, "batch_size": args.batch_size, "num_generations": args.num_generations,
-           "max_new_tokens": args.new_tokens, "force_length": True, "straightforward": args.path == "straightforward",
-           "device": args.device, "seed": 0}
+    cfg = grpo.Config(model=args.model, batch_size=args.batch_size, num_generations=args.num_generations,
+                      max_new_tokens=args.new_tokens, force_length=True, shared_prefix=args.path == "shared",
+                      device=args.device, seed=0)
     torch.manual_seed(0)
     model, processor, ref = grpo.build_model(cfg)
     rng = np.random.default_rng(0)
@@ -48,17 +50,20 @@ def run_path(args) -> dict:
     images = [Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)) for _ in range(B)]
     labels = torch.tensor(rng.uniform(1, 5, (len(ATTRIBUTES), B)))
     P, M = (torch.stack(t) for t in zip(*(preference_matrix(y) for y in labels)))  # (A, B, B) each, on the CPU:
-    batch = {"P": P, "M": M}  # step.grpo_step moves them to the model's device, as in training
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=grpo.default_lr(cfg))
-    policy = parallel.Policy(model)
-    ref = parallel.Policy(ref) if ref is not None else None
-    cuda = next(model.parameters()).is_cuda
+    device = next(model.parameters()).device
+    batch = grpo.to_device({"P": P, "M": M}, device)  # as the training loop does
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr)
+    policy = distributed.wrap(model, False, grpo.compute_dtype(cfg, device), cfg.shared_prefix)
+    ref = distributed.wrap(ref, False, grpo.compute_dtype(cfg, device), cfg.shared_prefix) if ref is not None else None
+    tokens = grpo.Tokens.resolve(cfg, model, processor)
+    prompts = rollouts.encode_prompts(model, processor, images, mgiqa.prompt_text(processor, cfg.thinking))
+    cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times, parts = [], {"gen_s": [], "reward_s": [], "update_s": []}
     for i in range(args.steps + 1):  # step 0 warms up (allocator, lazy imports, kernels)
         sync()
         t0 = time.perf_counter()
-        stats = step.grpo_step(cfg, policy, processor, batch, images, ref=ref, optimizer=optimizer)
+        stats = grpo.grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens, ref=ref)
         sync()
         if stats["length"] != args.new_tokens:
             raise RuntimeError(f"bench.py: completions averaged {stats['length']} tokens, expected {args.new_tokens}")
@@ -73,8 +78,8 @@ def run_path(args) -> dict:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Time grpo.py's optimised GRPO step against the straightforward one.")
-    ap.add_argument("--size", default="small", help="tiny_vlm size (tiny, small)")
+    ap = argparse.ArgumentParser(description="Time grpo.py's shared-prefix GRPO step against the plain one.")
+    ap.add_argument("--model", default="small", help="an offline model name (tiny.NAMES) or a checkpoint folder")
     ap.add_argument("--image-size", type=int, default=448, help="square image side, pixels")
     ap.add_argument("--batch-size", "-B", type=int, default=2, help="images per step")
     ap.add_argument("--num-generations", "-K", type=int, default=6, help="rollouts per image")
@@ -100,7 +105,7 @@ def main(argv=None):
             sys.exit(f"bench.py: the {path} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         results[path] = json.loads(lines[-1])
         print(lines[-1], flush=True)
-    print(json.dumps({"ratio": round(results["optimised"]["sec_per_step"] / results["straightforward"]["sec_per_step"], 3)}))
+    print(json.dumps({"ratio": round(results["shared"]["sec_per_step"] / results["plain"]["sec_per_step"], 3)}))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Several processes for grpo.py (torchrun): the process group, the one module the trainer calls the
-policy through, and its wrapping: DDP for LoRA (adapters are small), FSDP2 for full fine-tuning.
+"""Several processes for grpo.py (torchrun): the process group, and the wrapping of rollouts.Policy:
+DDP for LoRA (adapters are small), FSDP2 for full fine-tuning.
 
     torchrun --nproc_per_node 8 grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --full --fsdp --data ...
 
@@ -8,8 +8,9 @@ the rest (embeddings, LM head, merger, norms) the root's; the master weights sta
 compute runs in `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`, AdamW steps the shards.
 Plain DDP would hold ~16 bytes a parameter on every GPU (fp32 weights, gradients, two Adam states):
 ~133 GB for Qwen2.5-VL-7B, more than an 80 GB GPU; sharded over 8 GPUs it is ~17 GB each.
-The trainer calls the model only through `Policy.forward` (rollouts, log-probs), so the hooks of
-DDP (gradient sync) and FSDP2 (all-gather of shards) fire however many submodules a step calls.
+The training forward is `Policy.forward` (per-token log-probs), so DDP's gradient hooks and FSDP2's
+all-gathers fire on it; `Policy.sample` is registered with FSDP2 as a second forward method, and runs
+inside `gathered`, which holds every unit's full weights from the first generated token to the last.
 """
 from __future__ import annotations
 
@@ -21,24 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import rollouts
+from rollouts import Policy
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)  # rank 0 gathering and writing a 7B checkpoint, or evaluating
-
-
-class Policy(nn.Module):
-    """forward("rollout", ...) = rollouts.rollout; forward("logprobs", ...) = rollouts.completion_logprobs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, task: str, *args, **kwargs):
-        if task == "logprobs":
-            return rollouts.completion_logprobs(self.model, *args, **kwargs)
-        if task == "rollout":
-            return rollouts.rollout(self.model, *args, **kwargs)
-        raise ValueError(f"Policy.forward: unknown task {task!r} (rollout, logprobs)")
 
 
 def is_distributed() -> bool:
@@ -76,23 +62,29 @@ def init(fsdp: bool = False) -> str | None:
     return f"cuda:{local}"
 
 
-def unwrap(policy) -> nn.Module:
+def policy_of(wrapped) -> Policy:
+    """The Policy inside DDP(Policy), or the Policy itself (an FSDP-sharded Policy is still a Policy)."""
+    while not isinstance(wrapped, Policy):
+        wrapped = wrapped.module
+    return wrapped
+
+
+def unwrap(wrapped) -> nn.Module:
     """The transformers model inside a Policy, DDP(Policy) or an FSDP-sharded Policy."""
-    while not isinstance(policy, Policy):  # an FSDP-sharded Policy is still a Policy (a subclass)
-        policy = policy.module
-    return policy.model
+    return policy_of(wrapped).model
 
 
-def wrap(model, fsdp: bool, compute_dtype: torch.dtype) -> nn.Module:
+def wrap(model, fsdp: bool, compute_dtype: torch.dtype, shared_prefix: bool = True) -> nn.Module:
     """Policy(model), under DDP or FSDP2 when running distributed (or with fsdp on one process)."""
-    policy = Policy(model)
+    policy = Policy(model, shared_prefix)
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
             fully_shard(block, mp_policy=mp)
         fully_shard(policy, mp_policy=mp)
+        register_fsdp_forward_method(policy, "sample")  # sampling gathers the root's weights as forward does
         return policy
     if is_distributed() and any(p.requires_grad for p in model.parameters()):
         from torch.nn.parallel import DistributedDataParallel
@@ -109,8 +101,8 @@ def no_sync(policy, last: bool):
 
 
 def for_inference(policy) -> nn.Module:
-    """What no-grad calls (rollouts, reference and old log-probs) go through: DDP's own forward
-    would broadcast buffers and expect a backward; FSDP needs its hooks to gather the shards."""
+    """What no-grad log-prob calls (reference, old policy) go through: the Policy itself under DDP
+    (DDP's own forward would broadcast buffers and expect a backward); FSDP needs its hooks."""
     return policy.module if hasattr(policy, "no_sync") else policy
 
 
@@ -124,10 +116,10 @@ def full_state_dict(policy) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def gathered_for_generation(policy):
-    """FSDP: keep each unit's weights gathered from the first decoding step to the last (one
-    all-gather per rollout, not one per generated token); a no-op without FSDP units. Afterwards
-    each unit gets back fully_shard's default: reshard after forward, except the root."""
+def gathered(policy):
+    """FSDP2: every unit's full weights gathered once for a whole rollout (Policy.sample, registered as
+    a forward method in wrap), not once per generated token; afterwards each unit gets back
+    fully_shard's default (reshard after forward, except the root). A no-op without FSDP units."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in policy.modules() if isinstance(m, FSDPModule)]

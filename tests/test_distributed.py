@@ -1,17 +1,19 @@
 """Runs that span processes: torchrun with two gloo ranks on the CPU (DDP for LoRA, FSDP2 for
 --full), exact resume on every rank, and a run killed with SIGKILL then resumed. Each run is a
-subprocess through tests/launch.py, which patches in test_grpo.text_reward (see there)."""
+subprocess through tests/launch.py, which patches in conftest.text_reward (see there)."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow  # torchrun subprocesses: about two minutes
 import torch
 from safetensors.torch import load_file
 
-import data
 import evaluate
+import synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "tests", "launch.py")
@@ -21,7 +23,7 @@ SMALL = ["-B", "2", "-K", "2", "--max-new-tokens", "6", "--lora-rank", "4", "--l
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn")
-    data.make_synthetic(str(root), 30, 56, seed=0)
+    synth.make_synthetic(str(root), 30, 56, seed=0)
     return f"manifest={root}"
 
 
