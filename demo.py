@@ -1,23 +1,27 @@
 """The CPU demo: a tiny VLM learns to assess image quality, attribute by attribute, with GRPO.
 
-    python demo.py --out runs/demo                 # data, warm-up, GRPO, evaluation (~10 min, 2 cores)
+    python demo.py --out runs/demo                 # data, warm-up, GRPO, evaluation (~5 min, 2 cores)
     python demo.py --ablation --out runs/demo      # overall-only reward from the same warm-up
+    python demo.py --source procedural             # the procedural scenes instead of photographs
 
-It writes OUT/summary.json, OUT/learning_curve.png, OUT/heldout.jsonl and OUT/report.html (the
-held-out images with their answers, report.py; report_ablation.html after --ablation), OUT/warmup
-and OUT/final: checkpoints whose processor is saved with the demo's image size as its pixel cap,
-so that mgiqa.load scales any photo to about 84 x 84 pixels and the answer keeps its layout. The
-scores mean something only on the demo's synthetic scenes (README: the GPU recipe for real photos).
+It writes OUT/summary.json (the figures, and which photos were trained on and held out),
+OUT/learning_curve.png, OUT/heldout.jsonl and OUT/report.html (the held-out images with their answers,
+report.py; report_ablation.html after --ablation), OUT/ladder/ (a held-out photo, clean and at levels
+1, 3, 5 of each family, for `python mgiqa.py --model OUT/final OUT/ladder/*.png`), OUT/warmup and
+OUT/final: checkpoints whose processor is saved with the demo's image size as its pixel cap, so that
+mgiqa.load scales any photo to about 84 x 84 pixels and the answer keeps its layout. The scores mean
+something only for 84 px crops distorted as here (README: the GPU recipe for real photos).
 
 What it does (the recipe measured in docs/DEMO_NOTES.md; docs/METHOD.md gives the method):
-1. Data: data.synthesize in "family" mode, shaped like KADID-10k: every scene has a clean version and
-   one version per distortion family (blur, noise, desaturation, subject pushed off-centre) at a
-   graded level; ground truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one,
-   overall = the minimum. Held-out scenes are disjoint from training scenes.
-2. Model: tiny_vlm(size="demo"), a 0.7M-parameter Qwen2.5-VL (the size the recipe learned with;
-   a step of B=16 x K=8 rollouts costs about 0.6 s on two cores), with rope_theta 4 so that its
-   language model can tell the image tokens' positions apart (composition needs it; mgiqa.SIZES).
-3. Warm-up (demo_warmup.py), which never sees a quality label or level (what a pretrained VLM would bring):
+1. Data shaped like KADID-10k (synth.synthesize_photos, or synth.synthesize with --source procedural):
+   every scene, a crop of one of seven public-domain photographs, has a clean version and one version
+   per distortion family (blur, noise, colour, subject pushed off-centre) at a graded level; ground
+   truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one, overall = the minimum.
+   Held-out scenes are crops of photos never seen in training (synth.HELDOUT_PHOTOS).
+2. Model: tiny.build("demo"), a 0.7M-parameter Qwen2.5-VL (the size the recipe learned with; a step
+   of B=16 x K=8 rollouts costs about 0.5 s on two cores), with rope_theta 4 so that its language
+   model can tell the image tokens' positions apart (composition needs it; tiny.SIZES).
+3. Warm-up (below, "warm-up"), which never sees a quality label or level (what a pretrained VLM would bring):
    a. perception: the vision tower and a probe (batch norm + linear) on its mean-pooled output learn
       the distortion FAMILY (clean / blurry / noisy / dull / offcentre); the probe is thrown away.
       Part of the patch embedding starts as random high-pass filters (init_filters: what a pretrained
@@ -74,6 +78,7 @@ DEFAULT_OUT = "runs/demo"
 @dataclass
 class DemoConfig:
     seed: int = 0
+    source: str = "photos"          # photos: crops of assets/photos; procedural: synth.synthesize's scenes
     n_train: int = 15000
     n_heldout: int = 240
     per_ref: int = 5                # images per scene: clean + (per_ref - 1) family versions (9, aux weight 1.0: slower)
@@ -109,7 +114,8 @@ class Demo:
     def __init__(self, cfg: DemoConfig, processor, log=print):
         t = time.perf_counter()
         n = cfg.n_train + cfg.n_heldout
-        images, records = synth.synthesize(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
+        make = synth.synthesize_photos if cfg.source == "photos" else synth.synthesize
+        images, records = make(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
                                           heldout_frac=cfg.n_heldout / n)
         self.log, self.features = log, None  # features: (N, tokens, D) while the tower is frozen (cache_features)
         self.records, self.index = records, {r.image: i for i, r in enumerate(records)}
@@ -118,6 +124,8 @@ class Demo:
         self.heldout = [r for r in records if r.split != "train"]
         self.train_idx = self.indices(self.train)
         self.heldout_images = {r.image: images[self.index[r.image]] for r in self.heldout}  # for report.html
+        self.photos = {split: sorted({r.extra["photo"] for r in recs if "photo" in r.extra})
+                       for split, recs in (("train", self.train), ("heldout", self.heldout))}
         self.pixels, self.grid = patchify(images, processor.image_processor)  # (N, patches, C), (3,)
         log(f"data: {len(self.train)} train / {len(self.heldout)} held-out images of {cfg.image_size}px "
             f"in {time.perf_counter() - t:.1f}s")
@@ -247,6 +255,26 @@ def pooled_features(model, demo, idx):
     return torch.stack(pooled_tokens(model, demo, idx)).mean(1)  # (n, D)
 
 
+def answer_hidden(model, p: rollouts.Prompts, ids):
+    """rollouts.hidden_plain for one answer per image, cheaper for the demo's prompts, which are
+    identical up to the image and unpadded: the instruction before the image runs once for the batch
+    and its KV cache (with its graph) is expanded to the rows. Same numbers (tests/test_demo.py); the
+    130-token instruction would otherwise cost the warm-up several times its 20-token answers."""
+    from transformers import DynamicCache
+
+    image_token = model.config.image_token_id
+    S = int((p.input_ids[0] == image_token).nonzero()[0]) - 1  # the text before <|vision_start|><|image_pad|>
+    (B, Tp), T = p.input_ids.shape, ids.shape[1]
+    cache = DynamicCache(config=model.config.get_text_config())
+    rollouts.lm_hidden(model, p.input_ids[:1, :S], p.attention_mask[:1, :S], p.positions[:, :1, :S], None, cache)
+    cache.batch_repeat_interleave(B)
+    pos = p.next_position[:, None] + torch.arange(T)
+    pos = torch.cat([p.positions[:, :, S:], pos.unsqueeze(0).expand(3, -1, -1)], dim=2)
+    h = rollouts.lm_hidden(model, torch.cat([p.input_ids[:, S:], ids], 1), torch.cat([p.attention_mask, torch.ones_like(ids)], 1),
+                           pos, rollouts.image_features(model, p), cache)
+    return h[:, Tp - S - 1:Tp - S - 1 + T]
+
+
 def train_format(model, processor, demo, cfg, log=print):
     """Supervised answer layout: the family word as reasoning, UNIFORM targets at the score digits."""
     tok = processor.tokenizer
@@ -268,7 +296,7 @@ def train_format(model, processor, demo, cfg, log=print):
         # random digits as inputs at the score positions, so every continuation after a score is seen
         ids[:, is_digit] = digit_ids[torch.randint(5, (len(idx), int(is_digit.sum())), generator=g)]
         p = demo.prompts(model, processor, idx)
-        logits = model.lm_head(rollouts.hidden_plain(model, p, ids, torch.ones_like(ids), K=1)).float()  # (b, Tc, V)
+        logits = model.lm_head(answer_hidden(model, p, ids)).float()  # (b, Tc, V)
         logp = logits.log_softmax(-1)
         nll = -logp.gather(2, ids[..., None]).squeeze(-1)  # (b, Tc)
         uniform = -logp[:, is_digit][..., digit_ids].mean(-1)  # cross-entropy against uniform over 1-5
@@ -294,7 +322,7 @@ def family_aux_loss(processor, demo, cfg):
         idx = train_idx[torch.randint(len(train_idx), (cfg.aux_batch,))]
         ids = torch.stack([torch.full((len(idx),), think), words[demo.family[idx]]], 1)  # (b, 2)
         p = demo.prompts(model, processor, idx)
-        hidden = rollouts.hidden_plain(model, p, ids, torch.ones_like(ids), K=1)
+        hidden = answer_hidden(model, p, ids)
         return cfg.aux_weight * F.cross_entropy(model.lm_head(hidden[:, 1]).float(), ids[:, 1])
     return loss
 
@@ -362,7 +390,7 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
                        max_new_tokens=cfg.max_new_tokens, credit="sequence" if ablation else "attribute",
                        weights=[0, 0, 0, 0, 1.0] if ablation else list(reward.DEFAULT_WEIGHTS),
                        save_every=100, keep=1, eval_every=cfg.eval_every, model="demo")
-    sampler = data.Sampler({"synthetic": demo.train}, cfg.batch_size, seed=cfg.seed)
+    sampler = data.Sampler({demo.train[0].dataset: demo.train}, cfg.batch_size, seed=cfg.seed)
     curve = []
 
     def eval_fn(m, step):
@@ -421,6 +449,20 @@ def fit_processor(processor, side: int) -> None:
     processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
 
 
+def write_ladder(folder: Path, demo: Demo, cfg: DemoConfig) -> None:
+    """A held-out photo's scene, clean and at levels 1, 3 and 5 of each family, as PNG files for mgiqa.py."""
+    from PIL import Image
+
+    if not demo.photos["heldout"]:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = demo.photos["heldout"][0]
+    for family, images in synth.photo_ladder(photo, cfg.image_size, cfg.seed).items():
+        for level in (0, 1, 3, 5):
+            name = f"{photo}_clean.png" if level == 0 else f"{photo}_{family}{level}.png"
+            Image.fromarray(images[level]).save(folder / name)
+
+
 def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: str) -> None:
     """OUT/heldout[_NAME].jsonl (evaluate.py's rows) and OUT/report[_NAME].html for the held-out images."""
     rows = [evaluate.result_row(r, {**mgiqa.parse_answer(t), "strict": mgiqa.parse_answer(t, strict=True) is not None,
@@ -434,8 +476,8 @@ def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: st
     report.write_report(out / f"report{suffix}.html", rows, demo.heldout, evaluate.summarize(rows, demo.heldout), title,
                         subtitle=f"{len(rows)} held-out images of {demo.heldout_images[rows[0]['image']].shape[0]} px, "
                                  f"scenes disjoint from training; greedy answers of the {name} checkpoint",
-                        note="The CPU demo's 0.7M-parameter model, trained on synthetic scenes: its scores mean "
-                             "something only on such scenes. For real photos see the README's GPU recipe.",
+                        note="The CPU demo's 0.7M-parameter model, trained on 84 px crops with one synthetic distortion "
+                             "each: its scores mean something only on such images. For real photos see the README's GPU recipe.",
                         images=demo.heldout_images, appendix=extra)
 
 
@@ -443,7 +485,7 @@ def main(args) -> int:
     """args: out, seed, ablation, threads (the command line's, or an argparse.Namespace with them)."""
     out = Path(getattr(args, "out", None) or DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = DemoConfig(seed=args.seed)
+    cfg = DemoConfig(seed=args.seed, source=getattr(args, "source", None) or DemoConfig.source)
     for key, value in json.loads(os.environ.get("MGIQA_DEMO", "{}")).items():
         setattr(cfg, key, type(getattr(cfg, key))(value))  # reduced variants (the CI test) override fields
     torch.set_num_threads(getattr(args, "threads", None) or 2)
@@ -465,6 +507,8 @@ def main(args) -> int:
     if args.ablation:
         if not (warm_dir / "config.json").is_file():
             raise SystemExit(f"error: {warm_dir} has no warm-up checkpoint; run `python demo.py --out {out}` first")
+        if summary.get("config", {}).get("source", cfg.source) != cfg.source:
+            raise SystemExit(f"error: {out} was warmed up on --source {summary['config']['source']}; pass the same --source")
         model, processor = mgiqa.load(str(warm_dir), device="cpu")
         rollouts.fast_vision(model)
         demo.cache_features(model)
@@ -489,14 +533,17 @@ def main(args) -> int:
         processor.save_pretrained(out / "final")
         texts = heldout_answers(model, processor, demo, cfg)
         final = evaluate_heldout(model, processor, demo, cfg, texts)
-        summary.update({"seconds": time.perf_counter() - t0, "config": asdict(cfg),
+        write_ladder(out / "ladder", demo, cfg)
+        summary.update({"seconds": time.perf_counter() - t0, "config": asdict(cfg), "photos": demo.photos,
                         "warmup": {a: warm[a] for a in ATTRIBUTES} | {k: warm[k] for k in EXTRA},
                         "final": {a: final[a] for a in ATTRIBUTES} | {k: final[k] for k in EXTRA}})
         summary.setdefault("curves", {})["final"] = curve
     report.write_json(summary_path, summary, indent=2)
     plot_curve(summary.get("curves", {}), out / "learning_curve.png")
     name = "ablation" if args.ablation else "final"
-    heldout_report(out, texts, demo, name, f"MG-IQA demo, seed {cfg.seed}: held-out synthetic scenes, {name} checkpoint")
+    what = f"held-out crops of photos never seen in training ({', '.join(demo.photos['heldout'])})" \
+        if cfg.source == "photos" else "held-out synthetic scenes"
+    heldout_report(out, texts, demo, name, f"MG-IQA demo, seed {cfg.seed}: {what}, {name} checkpoint")
     print_table(summary, log)
     return 0
 
@@ -517,11 +564,13 @@ def print_table(summary: dict, log=print) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="The CPU demo: synthetic data, warm-up, GRPO, held-out evaluation and report.")
+    ap = argparse.ArgumentParser(description="The CPU demo: distorted photo crops, warm-up, GRPO, held-out evaluation and report.")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data draw (default 0)")
     ap.add_argument("--ablation", action="store_true",
                     help="overall-only reward, one advantage per completion, from OUT/warmup (run without it first)")
+    ap.add_argument("--source", choices=("photos", "procedural"), default=DemoConfig.source,
+                    help="scenes: crops of the seven photographs in assets/photos (default), or procedural waves")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     return ap.parse_args(argv)
 

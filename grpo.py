@@ -190,6 +190,7 @@ class Tokens:
     pad: int                          # after the EOS
     banned: torch.Tensor              # (V,) bool: special tokens never sampled nor in the log-softmax
     entropy: torch.Tensor | None      # ids the entropy bonus is renormalised over, None without the bonus
+    opening: str = ""                 # text the chat template writes for the completion (a Thinking model's "<think>\n")
 
     @classmethod
     def resolve(cls, cfg: Config, model, processor) -> Tokens:
@@ -198,7 +199,8 @@ class Tokens:
         banned[mgiqa.banned_token_ids(processor, V)] = True
         entropy = mgiqa.token_ids(processor, list(cfg.entropy_vocab)) if cfg.entropy_coef > 0 else None
         return cls(mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id, banned,
-                   None if entropy is None else torch.tensor(entropy, device=device))
+                   None if entropy is None else torch.tensor(entropy, device=device),
+                   mgiqa.template_opening(processor, cfg.thinking))
 
 
 def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens: Tokens, *, ref=None, aux_loss=None,
@@ -211,7 +213,8 @@ def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens:
         ids = distributed.policy_of(policy).sample(prompts, K=K, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
                                                    pad_id=tokens.pad, banned=tokens.banned, temperature=cfg.temperature,
                                                    top_p=cfg.top_p, force_length=cfg.force_length)          # (B*K, T)
-    mask, completions = rollouts.completion_mask(ids, tokens.eos), mgiqa.decode_completions(processor, ids, tokens.eos)
+    mask = rollouts.completion_mask(ids, tokens.eos)
+    completions = mgiqa.decode_completions(processor, ids, tokens.eos, tokens.opening)
     clock.end("rollout")
     # (2) parse and reward: R = w_format F + sum_a w_a r_a, one fidelity reward per attribute
     rewards = reward_fn(completions, batch["P"], batch["M"], weights=cfg.weights, w_format=cfg.w_format,

@@ -352,12 +352,22 @@ def eos_ids(model, processor) -> list[int]:
     return sorted({int(e) for e in eos if e is not None and e >= 0})
 
 
-def decode_completions(processor, sequences, eos: list[int]) -> list[str]:
-    """Token rows -> text, each cut at its first EOS (what follows is padding)."""
+def template_opening(processor, thinking: bool = True) -> str:
+    """What the chat template itself writes after the assistant header, such as "<think>\n" for a
+    template that opens the reasoning block (Qwen3-VL Thinking checkpoints do): the completion
+    continues it, so decode_completions puts it back in front before the answer is parsed."""
+    text = prompt_text(processor, thinking)
+    header = "<|im_start|>assistant\n"
+    return text[text.rfind(header) + len(header):] if header in text else ""
+
+
+def decode_completions(processor, sequences, eos: list[int], opening: str = "") -> list[str]:
+    """Token rows -> text, each cut at its first EOS (what follows is padding), after `opening`
+    (template_opening: text the template wrote on the completion's behalf)."""
     texts = []
     for row in sequences.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        texts.append(processor.tokenizer.decode(row[:cut], skip_special_tokens=True))
+        texts.append(opening + processor.tokenizer.decode(row[:cut], skip_special_tokens=True))
     return texts
 
 
@@ -417,7 +427,7 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
         raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be equal)")
     images = list(images)
     processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
-    text = prompt_text(processor, thinking)
+    text, opening = prompt_text(processor, thinking), template_opening(processor, thinking)
     eos = eos_ids(model, processor)
     banned = banned_token_ids(processor, model.get_output_embeddings().out_features)
     device = next(model.parameters()).device
@@ -436,7 +446,7 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
         with torch.no_grad():
             with _generation_config(model, generation_config):
                 out = model.generate(**enc, generation_config=generation_config)
-        completions = decode_completions(processor, out[:, enc["input_ids"].shape[1]:], eos)
+        completions = decode_completions(processor, out[:, enc["input_ids"].shape[1]:], eos, opening)
         for i, image in enumerate(chunk):
             samples = completions[i * num_samples:(i + 1) * num_samples]
             parsed = np.array([[parse_answer(c)[a] for a in ATTRIBUTES] for c in samples])  # (S, A)

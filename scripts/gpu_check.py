@@ -3,7 +3,7 @@ checkpointing, --merge), then evaluate.main on the merged checkpoint. Prints one
 
     python scripts/gpu_check.py                              # Qwen2.5-VL-7B architecture, one GPU (< 10 min on an H200)
     python scripts/gpu_check.py --config qwen3-vl-8b         # Qwen3-VL-8B (deepstack, 32 px tokens)
-    python scripts/gpu_check.py --config qwen3-vl-4b -B 4 -K 6   # the 24 GB recipe's shape (README)
+    python scripts/gpu_check.py --config qwen3-vl-4b -B 4 -K 6 --max-pixels 262144 --micro-batch 2   # the 24 GB recipe
     python scripts/gpu_check.py --model /ckpt/Qwen2.5-VL-7B-Instruct  # real weights from a local folder
     python scripts/gpu_check.py --config tiny-qwen2.5-vl     # the same code on the CPU (the test suite runs it)
 
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-generations", "-K", type=int, default=6, help="rollouts per image")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="completion budget (EOS allowed)")
     ap.add_argument("--max-pixels", type=int, default=0, help="pixel cap (0: 1,280 image tokens of the family's size)")
+    ap.add_argument("--micro-batch", type=int, default=0, help="images per training forward (0: all B)")
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps (the first includes warm-up costs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for the MFU estimate (H100/H200: 989)")
     ap.add_argument("--work", default=None, help="folder for the model, data and runs (default: a temporary one)")
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     code = grpo.main(["--model", model_dir, "--data", f"manifest={os.path.join(work, 'data')}", "--out", run,
                       "--steps", str(args.steps), "-B", str(B), "-K", str(K), "--max-new-tokens", str(T),
-                      "--max-pixels", str(args.max_pixels), "--gradient-checkpointing", "--dtype", "bfloat16" if cuda else "float32",
+                      "--max-pixels", str(args.max_pixels), "--micro-batch", str(args.micro_batch), "--gradient-checkpointing", "--dtype", "bfloat16" if cuda else "float32",
                       "--save-every", "1", "--keep", "1", "--merge", merged])
     if code:
         raise SystemExit(f"gpu_check.py: grpo.main exited {code}")

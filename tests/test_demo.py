@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The full warm-up (perception needs it: with 6,000 images and 600 probe steps, family accuracy .73,
 # and 300 GRPO steps left every answer constant), then 250 GRPO steps instead of 450 (the cosine
 # learning-rate schedule is compressed into these 250).
-REDUCED = {"grpo_steps": 250, "eval_every": 125}
+REDUCED = {"grpo_steps": 250, "eval_every": 125, "source": "procedural"}
 
 
 def run_demo(out, overrides, *flags):
@@ -68,6 +68,10 @@ def test_tiny_demo_writes_strict_json_report_and_sized_checkpoint(tmp_path):
     run_demo(tmp_path / "demo", tiny)
     summary = check_outputs(tmp_path / "demo", 40)
     assert summary["config"]["grpo_steps"] == 4 and math.isnan(summary["final"]["overall"])  # NaN came back from null
+    photos = summary["photos"]  # the default source: crops of photographs, held out by photo
+    assert photos["train"] and photos["heldout"] and not set(photos["train"]) & set(photos["heldout"])
+    ladder = sorted(p.name for p in (tmp_path / "demo" / "ladder").glob("*.png"))
+    assert len(ladder) == 13 and ladder[0].startswith(photos["heldout"][0])  # clean + 4 families x levels 1, 3, 5
     run_demo(tmp_path / "demo", tiny, "--ablation")
     assert strict_json_files(tmp_path / "demo") and (tmp_path / "demo" / "report_ablation.html").is_file()
     assert "ablation" in json.loads((tmp_path / "demo" / "summary.json").read_text())
@@ -144,3 +148,30 @@ def test_precomputed_vision_indices_give_the_same_features():
             fast = model.model.get_image_features(flat, grids, return_dict=True, **demo.vision_indices(visual, grids)).pooler_output
         assert len(fast) == n and all(torch.equal(a, b) for a, b in zip(plain, fast))
         assert demo.vision_indices(visual, grids) is demo.vision_indices(visual, grids.clone())  # cached by grid
+
+
+def test_answer_hidden_equals_the_plain_forward():
+    """demo.answer_hidden (the instruction once per batch, its KV cache expanded) gives the hidden states
+    of rollouts.hidden_plain, values and gradients."""
+    import torch
+
+    import rollouts
+    from conftest import encode, widen
+
+    model, processor = mgiqa.load("demo", device="cpu")
+    widen(model)
+    images = [np.random.default_rng(i).integers(0, 256, (84, 84, 3), dtype=np.uint8) for i in range(3)]
+    from PIL import Image
+    p = encode(model, processor, [Image.fromarray(im) for im in images])
+    ids = torch.randint(10, 500, (3, 6), generator=torch.Generator().manual_seed(0))
+    model.train()
+    got = demo.answer_hidden(model, p, ids)
+    want = rollouts.hidden_plain(model, p, ids, torch.ones_like(ids), K=1)
+    assert (got - want).abs().max() < 1e-5
+    got.sum().backward()
+    g1 = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    model.zero_grad()
+    want.sum().backward()
+    for n, q in model.named_parameters():
+        if q.grad is not None:
+            assert (g1[n] - q.grad).abs().max() <= 1e-4 * q.grad.abs().max().clamp(min=1e-8), n

@@ -44,18 +44,20 @@ def test_peft_layout_adapter_loads_back(tmp_path):
     assert (full_logits(again, processor, images) - want).abs().max() < 1e-6
 
 
-def test_peft_loads_our_adapter_with_our_logits_and_merge(tmp_path):
-    """PEFT reads the adapter grpo.py writes: the same logits (1e-5), adapters on exactly the
-    modules we trained, and PEFT's merge_and_unload equals ours (1e-6 on the weights)."""
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3-vl"])
+def test_peft_loads_our_adapter_with_our_logits_and_merge(tmp_path, name):
+    """PEFT reads the adapter grpo.py writes (Qwen2.5-VL, and Qwen3-VL with its real processor): the
+    same logits (1e-5), adapters on exactly the modules we trained, and PEFT's merge_and_unload equals
+    ours (1e-6 on the weights)."""
     import peft  # test-only requirement (requirements.txt)
-    base, processor = mgiqa.load("tiny", device="cpu")
-    base.save_pretrained(tmp_path / "base")
-    processor.save_pretrained(tmp_path / "base")
-    model, _ = mgiqa.load(str(tmp_path / "base"), device="cpu")
-    lora.add_lora(model, rank=4, alpha=8)
+    import tiny
+    tiny.save(name, str(tmp_path / "base"), seed=0, init_scale=0.2,
+              prompts=(mgiqa.build_prompt(True), mgiqa.build_prompt(False)), keys=mgiqa.ATTRIBUTES)
+    model, processor = mgiqa.load(str(tmp_path / "base"), device="cpu")
+    lora.add_lora(model, rank=4, alpha=8, vision=name != "tiny")
     randomize_lora(model, std=0.2)
     lora.save_adapter(model, tmp_path / "adapter", 4, 8, 0.0, str(tmp_path / "base"))
-    images = random_images(2)
+    images = random_images(2, sizes=((64, 96), (96, 96)))
     ours = full_logits(model, processor, images)
     plain, _ = mgiqa.load(str(tmp_path / "base"), device="cpu")
     theirs_model = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()

@@ -313,3 +313,23 @@ def test_prompt_token_counts_with_the_real_processor():
         counts[thinking] = int(enc["input_ids"].shape[1])
         assert int((enc["input_ids"] == 151655).sum()) == 391
     assert 391 + 200 < counts[True] < 391 + 350 and counts[False] < counts[True]
+
+
+def test_a_template_that_opens_the_think_block_still_parses():
+    """A Qwen3-VL Thinking-style template writes "<think>\\n" after the assistant header itself: the
+    completion continues inside the block, and the decoded text gets the opening back, so the strict
+    format and the scores parse (the Instruct template opens nothing)."""
+    processor = tiny.real_processor("tiny-qwen3-vl")
+    assert mgiqa.template_opening(processor) == ""
+    header = "<|im_start|>assistant\\n"
+    assert header in processor.chat_template
+    processor.chat_template = processor.chat_template.replace(header, header + "<think>\\n")
+    assert mgiqa.prompt_text(processor).endswith("<think>\n")
+    opening = mgiqa.template_opening(processor)
+    assert opening == "<think>\n"
+    answer = 'blurry edges</think><answer>{"sharpness": 2, "color": 5, "noise": 5, "composition": 5, "overall": 2}</answer>'
+    ids = torch.tensor([processor.tokenizer(answer).input_ids + [151645]])
+    [text] = mgiqa.decode_completions(processor, ids, [151645], opening)
+    assert mgiqa.parse_answer(text, strict=True) == {"sharpness": 2, "color": 5, "noise": 5, "composition": 5, "overall": 2}
+    [bare] = mgiqa.decode_completions(processor, ids, [151645])
+    assert mgiqa.parse_answer(bare, strict=True) is None  # without the opening the format reward would be 0
