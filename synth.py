@@ -152,15 +152,23 @@ def _plan(n, seed, mode, per_ref, heldout_frac, dataset) -> tuple[np.ndarray, li
     else:
         levels = rng.integers(0, 6, (n_scenes, per_ref, 4))
     levels = levels.reshape(-1, 4)[:n]
+    scenes = [f"s{s:05d}" for s in range(n_scenes)]
+    return levels, _records(levels, mode, per_ref, test, scenes, dataset)
+
+
+def _records(levels, mode, per_ref, test, scenes, dataset, photo=None) -> list[Record]:
+    """One Record per image from its levels (N, 4): the distorted attribute 5 - 0.8 level, the others 5;
+    overall the minimum (family mode) or (min + mean) / 2 (mixed); scene s's images are s_0 .. s_{per_ref-1}."""
     attrs = np.round(5 - 0.8 * levels, 2)
     mos = attrs.min(1) if mode == "family" else np.round((attrs.min(1) + attrs.mean(1)) / 2, 2)
     records = []
     for i, (lv, at, y) in enumerate(zip(levels.tolist(), attrs.tolist(), mos.tolist())):
         s, hit = i // per_ref, [f for f, l in zip(SYNTH_FAMILIES, lv) if l > 0]
         family, level = (hit[0], max(lv)) if mode == "family" and hit else (None, None if hit else 0)
-        records.append(Record(f"s{s:05d}_{i % per_ref}.png", dataset, "synthetic", "test" if test[s] else "train",
-                              y, dict(zip(LABELLED, at)), f"s{s:05d}", family, level))
-    return levels, records
+        extra = {} if photo is None else {"photo": photo[i]}
+        records.append(Record(f"{scenes[s]}_{i % per_ref}.png", dataset, "synthetic", "test" if test[s] else "train",
+                              y, dict(zip(LABELLED, at)), scenes[s], family, level, extra))
+    return records
 
 
 def _chunk(k: int, levels: np.ndarray, size: int, seed: int, per_ref: int, chunk: int) -> np.ndarray:
@@ -371,15 +379,7 @@ def _plan_photos(n, seed, mode, per_ref, heldout_frac, heldout_photos, dataset, 
     photo, side = scene_photo[scene], side[scene]
     centre = _moved(rng, photos, photo, side, centre[scene], levels[:, 3])
     cast = _casts(rng, levels[:, 1])
-    attrs = np.round(5 - 0.8 * levels, 2)
-    mos = attrs.min(1) if mode == "family" else np.round((attrs.min(1) + attrs.mean(1)) / 2, 2)
-    records = []
-    for i, (lv, at, y) in enumerate(zip(levels.tolist(), attrs.tolist(), mos.tolist())):
-        s, hit = i // per_ref, [f for f, l in zip(SYNTH_FAMILIES, lv) if l > 0]
-        family, level = (hit[0], max(lv)) if mode == "family" and hit else (None, None if hit else 0)
-        records.append(Record(f"{photo[i]}_{s:05d}_{i % per_ref}.png", dataset, "synthetic",
-                              "test" if test[s] else "train", y, dict(zip(LABELLED, at)), f"{photo[i]}_{s:05d}",
-                              family, level, {"photo": photo[i]}))
+    records = _records(levels, mode, per_ref, test, [f"{p}_{s:05d}" for s, p in enumerate(scene_photo)], dataset, photo)
     return {"photo": photo, "side": side, "centre": centre, "levels": levels, "cast": cast}, records
 
 

@@ -227,3 +227,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class EosBiased(torch.nn.Linear):
+    """An LM head (sharing the model's weight) that makes EOS likelier by `bias`: rows end at different
+    lengths, or with a large bias at once."""
+
+    def __init__(self, head, eos, bias=30.0):
+        super().__init__(head.in_features, head.out_features, bias=False)
+        self.weight, self.eos, self.eos_bias = head.weight, eos, bias
+
+    def forward(self, x):
+        out = super().forward(x).clone()
+        out[..., self.eos] += self.eos_bias
+        return out

@@ -25,7 +25,7 @@ import mgiqa
 import reward
 import rollouts
 import synth
-from conftest import (assert_close_grads, encode, fake_batch, grads, random_images, randomize_lora, small_cfg,
+from conftest import (EosBiased, assert_close_grads, encode, fake_batch, grads, random_images, randomize_lora, small_cfg,
                       text_reward)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,19 +109,6 @@ def lora_model(base):
     return model, base[1]
 
 
-class EosSometimes(torch.nn.Linear):
-    """An LM head that makes EOS likelier, so rows end at different lengths."""
-
-    def __init__(self, head, eos, bias=5.0):
-        super().__init__(head.in_features, head.out_features, bias=False)
-        self.weight, self.eos, self.eos_bias = head.weight, eos, bias
-
-    def forward(self, x):
-        out = super().forward(x).clone()
-        out[..., self.eos] += self.eos_bias
-        return out
-
-
 def run_step(model, processor, cfg, images, lr=0.0, seed=0, ref=None, shared_prefix=True, **kw):
     """One grpo_step on a copy of the model with text_reward; returns the copy (with its gradients) and the figures."""
     m = copy.deepcopy(model)
@@ -147,7 +134,7 @@ def marked_at_random(tokenizer, ids, mask):
 def test_micro_batches_give_the_full_batchs_gradient(lora_model, loss_type, entropy, monkeypatch):
     model, processor = lora_model
     model = copy.deepcopy(model)
-    model.lm_head = EosSometimes(model.lm_head, mgiqa.eos_ids(model, processor))
+    model.lm_head = EosBiased(model.lm_head, mgiqa.eos_ids(model, processor), bias=5.0)  # unequal lengths
     monkeypatch.setattr(reward, "score_token_attributes", marked_at_random)
     cfg = small_cfg(num_generations=2, max_new_tokens=8, loss_type=loss_type, entropy_coef=entropy, beta=0.04,
                     credit="attribute")

@@ -13,7 +13,7 @@ import lora
 import mgiqa
 import rollouts
 import tiny
-from conftest import (assert_close_grads, cut_row, encode, grads, random_images, randomize_lora, sample, small_cfg,
+from conftest import (EosBiased, assert_close_grads, cut_row, encode, grads, random_images, randomize_lora, sample, small_cfg,
                       tokens_of)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,19 +146,6 @@ def test_sampler_sees_the_models_logits(fresh, shared, monkeypatch):
         want[:, masked] = -float("inf")
         assert torch.equal(seen[t].isinf(), want.isinf())
         assert (seen[t] - want)[~want.isinf()].abs().max() < 1e-4, t
-
-
-class EosBiased(torch.nn.Linear):
-    """An LM head that makes EOS (nearly) certain."""
-
-    def __init__(self, head, eos, bias=30.0):
-        super().__init__(head.in_features, head.out_features, bias=False)
-        self.weight, self.eos, self.eos_bias = head.weight, eos, bias
-
-    def forward(self, x):
-        out = super().forward(x).clone()
-        out[..., self.eos] += self.eos_bias
-        return out
 
 
 def test_force_length_gives_full_rows_without_eos(fresh):

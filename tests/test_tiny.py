@@ -59,14 +59,20 @@ def test_qwen3_fixture_shares_vocab_and_merges_through_relative_symlinks():
         assert os.path.samefile(link, os.path.join(FIXTURES, "qwen2.5-vl", name))
 
 
-def test_qwen25_processor_is_the_real_one(qwen25_processor):
-    proc = qwen25_processor
+def real_tokenizer(proc, cls: str, tokens: int):
+    """The checks both families share: the class, the vocabulary size, one encoding, EOS and pad as
+    shipped, right padding (callers that batch set left padding themselves)."""
     tok = proc.tokenizer
-    assert type(proc).__name__ == "Qwen2_5_VLProcessor"
-    assert len(tok) == 151665
+    assert type(proc).__name__ == cls and len(tok) == tokens
     assert tok.encode("Hello world") == [9707, 1879]
     assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == ("<|im_end|>", 151645, "<|endoftext|>", 151643)
-    assert tok.padding_side == "right"  # as shipped; callers that batch set left padding themselves
+    assert tok.padding_side == "right"
+    return tok
+
+
+def test_qwen25_processor_is_the_real_one(qwen25_processor):
+    proc = qwen25_processor
+    tok = real_tokenizer(proc, "Qwen2_5_VLProcessor", 151665)
     # digits one by one, the point and the leading space separate; <think> is plain text here
     assert tok.encode(" 3.72") == [220, 18, 13, 22, 17]
     assert len(tok.encode("<think>")) > 1
@@ -80,13 +86,9 @@ def test_qwen25_processor_is_the_real_one(qwen25_processor):
 
 def test_qwen3_processor_is_the_real_one(qwen3_processor):
     proc = qwen3_processor
-    tok = proc.tokenizer
-    assert type(proc).__name__ == "Qwen3VLProcessor"
-    assert len(tok) == 151669
-    assert tok.encode("Hello world") == [9707, 1879]
+    tok = real_tokenizer(proc, "Qwen3VLProcessor", 151669)
     assert tok.convert_tokens_to_ids(["<think>", "</think>"]) == [151667, 151668]
     assert tok.encode("<think>x</think>") == [151667, 87, 151668]
-    assert (tok.eos_token_id, tok.pad_token_id, tok.padding_side) == (151645, 151643, "right")
     text = proc.apply_chat_template(MESSAGE, add_generation_prompt=True, tokenize=False)
     assert text == QWEN3_RENDERING
     enc = proc(text=[text], images=[photo()], return_tensors="pt")
@@ -109,28 +111,24 @@ def test_names():
         tiny.build("huge")
 
 
-def test_tiny_qwen25_config(built):
-    model, proc = built["tiny-qwen2.5-vl"]
+@pytest.mark.parametrize("name, cls, tokens, vision", [
+    ("tiny-qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", 151665, (14, 2, 2)),
+    ("tiny-qwen3-vl", "Qwen3VLForConditionalGeneration", 151669, (16, 2, 3))])
+def test_tiny_qwen_config(built, name, cls, tokens, vision):
+    model, proc = built[name]
     c = model.config
-    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert len(proc.tokenizer) == 151665 and proc.tokenizer.padding_side == "right"
+    assert type(model).__name__ == cls
+    assert len(proc.tokenizer) == tokens and proc.tokenizer.padding_side == "right"
     assert model.get_input_embeddings().weight.shape == (151936, 64)
-    assert (c.vision_config.patch_size, c.vision_config.spatial_merge_size, c.vision_config.depth) == (14, 2, 2)
-    assert list(c.vision_config.fullatt_block_indexes) == [1] and c.vision_config.window_size == 112
-    assert sum(c.text_config.rope_parameters["mrope_section"]) == 64 // 4 // 2
-
-
-def test_tiny_qwen3_config(built):
-    model, proc = built["tiny-qwen3-vl"]
-    c = model.config
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
-    assert len(proc.tokenizer) == 151669 and proc.tokenizer.padding_side == "right"
-    assert model.get_input_embeddings().weight.shape == (151936, 64)
-    assert (c.vision_config.patch_size, c.vision_config.spatial_merge_size, c.vision_config.depth) == (16, 2, 3)
-    assert list(c.vision_config.deepstack_visual_indexes) == [0, 1]
-    assert len(model.model.visual.deepstack_merger_list) == 2
-    rope = c.text_config.rope_parameters
-    assert rope["mrope_interleaved"] is True and sum(rope["mrope_section"]) == c.text_config.head_dim // 2
+    assert (c.vision_config.patch_size, c.vision_config.spatial_merge_size, c.vision_config.depth) == vision
+    if name == "tiny-qwen2.5-vl":
+        assert list(c.vision_config.fullatt_block_indexes) == [1] and c.vision_config.window_size == 112
+        assert sum(c.text_config.rope_parameters["mrope_section"]) == 64 // 4 // 2
+    else:
+        assert list(c.vision_config.deepstack_visual_indexes) == [0, 1]
+        assert len(model.model.visual.deepstack_merger_list) == 2
+        rope = c.text_config.rope_parameters
+        assert rope["mrope_interleaved"] is True and sum(rope["mrope_section"]) == c.text_config.head_dim // 2
 
 
 @pytest.mark.parametrize("name", QWEN_NAMES)
