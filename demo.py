@@ -79,6 +79,7 @@ DEFAULT_OUT = "runs/demo"
 class DemoConfig:
     seed: int = 0
     source: str = "photos"          # photos: crops of assets/photos; procedural: synth.synthesize's scenes
+    augment: bool = False           # training images rotated / mirrored at random (labels do not change)
     n_train: int = 15000
     n_heldout: int = 240
     per_ref: int = 5                # images per scene: clean + (per_ref - 1) family versions (9, aux weight 1.0: slower)
@@ -116,7 +117,11 @@ class Demo:
         n = cfg.n_train + cfg.n_heldout
         make = synth.synthesize_photos if cfg.source == "photos" else synth.synthesize
         images, records = make(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
-                                          heldout_frac=cfg.n_heldout / n)
+                               heldout_frac=cfg.n_heldout / n)
+        if cfg.augment:  # each training image turned / mirrored at random: 8 views of a few photos' content
+            rng = np.random.default_rng([cfg.seed, 7])
+            for i in (i for i, r in enumerate(records) if r.split == "train"):
+                images[i] = np.rot90(images[i][:, ::-1] if rng.random() < 0.5 else images[i], rng.integers(4))
         self.log, self.features = log, None  # features: (N, tokens, D) while the tower is frozen (cache_features)
         self.records, self.index = records, {r.image: i for i, r in enumerate(records)}
         self.family = torch.tensor([FAMILIES.index(r.family) for r in records])
