@@ -421,9 +421,9 @@ def parse_args(argv=None):
     g.add_argument("--fast", action="store_true", help="answer only, no reasoning (non-thinking prompt)")
     g.add_argument("--batch-size", type=int, default=8, help="images per generate call; rows are flushed per batch")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: mgiqa.score's (mgiqa.MAX_NEW_TOKENS)")
-    g.add_argument("--max-pixels", type=int, default=mgiqa.DEFAULT_MAX_PIXELS,
-                   help=f"pixel cap for the processor (default mgiqa.DEFAULT_MAX_PIXELS = {mgiqa.DEFAULT_MAX_PIXELS:,} "
-                        "= 1280*28*28); a checkpoint saved with a smaller cap keeps its own")
+    g.add_argument("--max-pixels", type=int, default=0,
+                   help="pixel cap for the processor (0: 1,280 image tokens in the family's units, 1,003,520 px for "
+                        "Qwen2.5-VL, 1,310,720 for Qwen3-VL); a checkpoint saved with a smaller cap keeps its own")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=[], metavar="NAME=ROOT[,FILE][,KEY=VALUE]",

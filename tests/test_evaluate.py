@@ -249,8 +249,8 @@ def test_report_and_strict_json_of_a_run(tmp_path, monkeypatch):
     monkeypatch.setattr(mgiqa, "load", lambda *a, **k: loads.append(k) or (None, None))
     monkeypatch.setattr(mgiqa, "score", FakeScore(lambda im: "garbage" if im.endswith("_3.png") else GOOD.format(1 + int(im[-5]) % 5)))
     assert run("--model", "m", "--data", f"manifest={tmp_path / 'd'}", "--out", tmp_path / "o", "--report") == 0
-    assert loads[0]["max_pixels"] == mgiqa.DEFAULT_MAX_PIXELS == 1280 * 28 * 28  # the documented default cap
-    assert json.loads((tmp_path / "o" / "run.json").read_text())["max_pixels"] == 1280 * 28 * 28
+    assert loads[0]["max_pixels"] == 0  # the documented default: 1,280 image tokens in the family's units (mgiqa.load)
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["max_pixels"] == 0
     rows = ev.read_rows(str(tmp_path / "o" / "manifest.jsonl"))
     p = parse_report((tmp_path / "o" / "report.html").read_text(encoding="utf-8"))
     assert_self_contained(p)

@@ -87,3 +87,15 @@ def test_merged_checkpoint_gives_base_plus_adapter_logits(fresh, tmp_path):
     loaded, loaded_processor = mgiqa.load(str(tmp_path / "merged"), device="cpu")
     assert not any("lora" in n for n in loaded.state_dict())
     assert (full_logits(loaded, loaded_processor, images) - want).abs().max() < 1e-4
+
+
+def test_merge_adds_in_fp32_and_casts_once():
+    w = torch.full((4, 4), 0.02, dtype=torch.bfloat16)
+    a, b = torch.full((1, 4), 1e-2), torch.full((4, 1), 1e-2)  # delta 2 * 4e-4 ... below half a bf16 ulp at 0.02? no: 8e-5
+    delta = 2.0 * (b @ a)
+    want = (w.float() + delta).to(torch.bfloat16)
+    assert torch.equal(lora.merged_weight(w, a, b, 2.0), want)
+    many = w.clone()
+    for _ in range(8):  # eight small deltas added in bf16 one by one are lost; summed in fp32 they are not
+        many += (delta / 8).to(torch.bfloat16)
+    assert torch.equal(many, w) and not torch.equal(want, w)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import mgiqa
+import rollouts
 import tiny
 from mgiqa import ATTRIBUTES, parse_answer
 
@@ -333,3 +334,38 @@ def test_a_template_that_opens_the_think_block_still_parses():
     assert mgiqa.parse_answer(text, strict=True) == {"sharpness": 2, "color": 5, "noise": 5, "composition": 5, "overall": 2}
     [bare] = mgiqa.decode_completions(processor, ids, [151645])
     assert mgiqa.parse_answer(bare, strict=True) is None  # without the opening the format reward would be 0
+
+
+def test_default_pixel_cap_holds_a_4000x3000_photo(tmp_path):
+    model, processor = mgiqa.load("tiny", device="cpu")
+    processor.image_processor.size["longest_edge"] = 12845056  # Qwen's published 12.8 MP
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    photo = Image.new("RGB", (4000, 3000), (90, 120, 150))
+    uncapped = processor.image_processor(images=[photo], return_tensors="pt")["image_grid_thw"].prod() // 4
+    assert uncapped == 15301  # what Qwen's own cap gives
+    _, loaded = mgiqa.load(str(tmp_path / "m"), device="cpu")
+    enc = rollouts.encode_prompts(model, loaded, [photo], mgiqa.prompt_text(loaded))
+    assert enc.image_grid_thw.prod() // 4 <= 1280  # the default cap: 1,280 tokens of 28 x 28 px
+    assert mgiqa.default_max_pixels(loaded.image_processor) == mgiqa.DEFAULT_MAX_PIXELS == 1280 * 28 * 28
+    _, small = mgiqa.load("tiny", device="cpu")  # a smaller saved cap (448 x 448) wins
+    assert small.image_processor.size["longest_edge"] == 448 * 448
+
+
+def test_checkpoint_generation_config_cannot_change_scores(tmp_path):
+    model, processor = mgiqa.load("tiny", device="cpu")
+    model.save_pretrained(tmp_path / "plain")
+    gc = model.generation_config  # in the manner of Qwen's published file, with stronger values
+    gc.do_sample, gc.temperature, gc.top_k, gc.repetition_penalty, gc.no_repeat_ngram_size = True, 0.1, 3, 1.5, 2
+    model.save_pretrained(tmp_path / "penalised")
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (56, 84, 3), dtype=np.uint8)) for i in range(3)]
+    scored = {}
+    for name in ("plain", "penalised"):
+        processor.save_pretrained(tmp_path / name)
+        m, proc = mgiqa.load(str(tmp_path / name), device="cpu")
+        assert (m.generation_config.repetition_penalty == 1.5) == (name == "penalised")
+        greedy = mgiqa.score(m, proc, images, max_new_tokens=24)
+        torch.manual_seed(0)
+        sampled = mgiqa.score(m, proc, images, max_new_tokens=24, temperature=1.0, num_samples=2)
+        scored[name] = [r["completions"] for r in greedy + sampled]
+    assert scored["plain"] == scored["penalised"]

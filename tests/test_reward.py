@@ -234,3 +234,45 @@ def test_format_weights_and_errors():
         mg_reward([good] * 3, P, M)
     with pytest.raises(ValueError, match="must both be"):
         mg_reward([good] * 4, P[0], M[0])
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2.5-vl"])
+def test_score_token_attributes_marks_each_scores_digits(name):
+    """Against a naive reference that decodes every prefix of the row: a token belongs to attribute
+    a when the text it adds lies inside a's number after the last <answer> (anywhere if none); with
+    the in-process tokenizer and with Qwen's, which writes every digit and the point as their own
+    tokens (integer, one- and two-decimal scores)."""
+    import re
+
+    import mgiqa
+    import tiny
+    from reward import score_token_attributes
+
+    if name == "tiny":
+        tok = mgiqa.load("tiny", device="cpu")[1].tokenizer
+    else:
+        tok = tiny.real_processor(name).tokenizer
+    texts = ['<think>dull</think><answer>{"sharpness": 4, "color": 2, "noise": 5, "composition": 3.5, "overall": 12}</answer><|im_end|>',
+             '<answer>{"noise": 1}</answer> <answer>{"overall": 3, "sharpness": 4.25}</answer><|im_end|>',  # only the last answer counts
+             'no tags: "overall": 3<|im_end|>',
+             '<answer>{"colour": 3, "color": 2}</answer><|im_end|>',
+             '<answer>{"sharpness": 4.10, "color": 3.8, "noise": 4.50, "composition": 3.20, "overall": 3.90}</answer><|im_end|>']
+    rows = [tok(t).input_ids for t in texts]
+    Tc = max(map(len, rows)) + 2
+    ids = torch.tensor([r + [tok.pad_token_id] * (Tc - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (Tc - len(r)) for r in rows])
+    got = score_token_attributes(tok, ids, mask)
+    number = re.compile(r'"(' + "|".join(ATTRIBUTES) + r')": ([0-9.]+)')
+    for r, row in enumerate(rows):
+        text = tok.decode(row)
+        start = text.rfind("<answer>")
+        spans = [(m.span(2), ATTRIBUTES.index(m.group(1))) for m in number.finditer(text) if m.start() > start]
+        want = []
+        for t in range(Tc):
+            lo, hi = len(tok.decode(row[:t])), len(tok.decode(row[:t + 1])) if t < len(row) else -1
+            want.append(next((a for (s, e), a in spans if lo < e and hi > s), -1))
+        assert got[r].tolist() == want, (texts[r], got[r].tolist(), want)
+    assert sorted(set(got[0].tolist()) - {-1}) == [0, 1, 2, 3, 4] and set(got[2].tolist()) == {-1, 4}
+    assert sorted(set(got[1].tolist()) - {-1}) == [0, 4]  # the first answer's noise score is not marked
+    if name != "tiny":  # one token per digit and per point: "4.10" is 4 tokens, all of them sharpness's
+        assert got[4].tolist().count(0) == 4 and got[4].tolist().count(1) == 3

@@ -1,5 +1,6 @@
 """synth.py: the KADID-style data from real photographs (synthesize_photos), its files and its command line."""
 import collections
+import math
 import os
 import shutil
 import subprocess
@@ -170,3 +171,18 @@ def test_command_line_writes_a_manifest_load_dataset_reads(tmp_path):
 
 def test_every_command_line_option_has_help():
     assert all(a.help for a in synth.build_parser()._actions if a.dest != "help")
+
+
+def test_cut_off_moves_subject_towards_border():
+    rng = np.random.default_rng(0)
+    sc = synth._scenes(rng, 1, 64)
+    bg = np.clip(sc["bg"][0].transpose(1, 2, 0) * 255 + 0.5, 0, 255)
+    offsets = synth._offsets(np.arange(6), rng)  # levels 0-5, each in a random axis direction
+    images = synth._distort(synth._render(sc, np.zeros(6, int), offsets), np.zeros((6, 4), int), rng)
+    distance, area = [], []
+    for im in images:
+        ys, xs = np.nonzero(np.abs(im.astype(float) - bg).sum(-1) > 30)  # the subject, measured from pixels
+        distance.append(math.hypot(ys.mean() - 31.5, xs.mean() - 31.5))
+        area.append(len(ys))
+    assert all(b > a for a, b in zip(distance, distance[1:])), distance
+    assert area[-1] < 0.7 * area[0]  # level 5 cuts it off
