@@ -20,9 +20,10 @@ from conftest import assert_cards_match_rows, assert_self_contained, parse_repor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The full warm-up (perception needs it: with 6,000 images and 600 probe steps, family accuracy .73,
-# and 300 GRPO steps left every answer constant), then 250 GRPO steps instead of 450 (the cosine
-# learning-rate schedule is compressed into these 250).
-REDUCED = {"grpo_steps": 250, "eval_every": 125, "source": "procedural"}
+# and 300 GRPO steps left every answer constant), then 120 GRPO steps instead of 450 (the cosine
+# learning-rate schedule is compressed into these 120; the full runs' held-out attribute mean is
+# already .8-.9 at step 75-150, docs/DEMO_NOTES.md).
+REDUCED = {"grpo_steps": 120, "eval_every": 60, "source": "procedural"}
 
 
 def run_demo(out, overrides, *flags):
@@ -80,16 +81,6 @@ def test_tiny_demo_writes_strict_json_report_and_sized_checkpoint(tmp_path):
     from PIL import Image
     grid = processor.image_processor(images=[Image.open(photo(tmp_path / "p.png"))], return_tensors="pt")["image_grid_thw"]
     assert grid.tolist() == [[1, 4, 6]]  # 56 x 84 pixels in 14-pixel patches
-
-
-def test_command_line_has_help_on_every_flag():
-    args = demo.parse_args([])
-    assert (args.out, args.seed, args.ablation, args.threads) == ("runs/demo", 0, False, None)
-    help_text = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--help"], capture_output=True, text=True,
-                               cwd=ROOT).stdout
-    for flag in ("--out", "--seed", "--ablation", "--threads"):
-        assert flag in help_text
-    assert help_text.count("(default") >= 3
 
 
 @pytest.mark.slow
