@@ -221,11 +221,12 @@ def test_load_errors(tmp_path):
         mgiqa.load(str(tmp_path))
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_score_batch_size_does_not_change_results(padding_side):
-    """Batched greedy scoring with the real Qwen2.5-VL processor equals one image at a time, with images
-    of different sizes (padding), whichever padding side the checkpoint's tokenizer declares."""
-    model, processor = tiny.build("tiny-qwen2.5-vl", seed=0, init_scale=0.2)
+@pytest.mark.parametrize("name, padding_side", [("tiny-qwen2.5-vl", "right"), ("tiny-qwen2.5-vl", "left"),
+                                                ("tiny-qwen3-vl", "right")])
+def test_score_batch_size_does_not_change_results(name, padding_side):
+    """Batched greedy scoring with the real processors equals one image at a time, with images of
+    different sizes (padding), whichever padding side the checkpoint's tokenizer declares."""
+    model, processor = tiny.build(name, seed=0, init_scale=0.2)
     processor.tokenizer.padding_side = padding_side
     rng = np.random.RandomState(0)
     images = [Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")) for h, w in [(56, 56), (84, 56), (112, 84), (56, 140)]]
