@@ -10,7 +10,7 @@ describe): every prompt repeated K times before the vision tower, B*K rows prefi
 Each path runs in its own subprocess (peak memory is per process) with the same torch thread
 count, on one fixed synthetic batch (random images, random labels), LoRA as grpo's defaults, every
 completion forced to exactly --new-tokens tokens; one warm-up step, then --steps timed steps of
-step.grpo_step. Prints one JSON line per path (path, sec_per_step, gen_s, reward_s, update_s,
+grpo.grpo_step. Prints one JSON line per path (path, sec_per_step, gen_s, reward_s, update_s,
 peak_mem_mib: RSS high-water mark on CPU, torch.cuda.max_memory_allocated on GPU), then
 {"ratio": shared sec_per_step / plain sec_per_step}.
 """

@@ -1,5 +1,5 @@
 """evaluate.py: hand-computed metrics, scipy cross-checks, the logistic fit,
-bootstrap, resume after an interruption, full runs of tiny_vlm, comparison, plots, the suite."""
+bootstrap, resume after an interruption, full runs of the offline tiny model, comparison, plots, the suite."""
 import csv
 import json
 import math
