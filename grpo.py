@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 8 grpo.py --model ... --full --fsdp --data ... --out runs/full   # all weights, FSDP2
     python grpo.py --resume runs/mgiqa                                  # continue exactly where it stopped
     python synth.py runs/synth --n 200 && python grpo.py --model tiny-qwen2.5-vl --data manifest=runs/synth \
-        -B 2 -K 2 --max-new-tokens 16 --steps 4 --out runs/try          # CPU, about a minute, the real tokenizer
+        -B 2 -K 2 --max-new-tokens 16 --steps 4 --out runs/try          # CPU, ~15 s, the real tokenizer
 
 A run writes in --out: config.json, split-<name>.csv per dataset, log.jsonl (one line a step),
 checkpoint-STEP/ (the last --keep), and final/: the LoRA adapter in PEFT's layout, or with --full a
