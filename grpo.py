@@ -216,7 +216,7 @@ def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens:
                                                    top_p=cfg.top_p, force_length=cfg.force_length)          # (B*K, T)
     mask = rollouts.completion_mask(ids, tokens.eos)
     completions = mgiqa.decode_completions(processor, ids, tokens.eos, tokens.opening)
-    clock.end("rollout")
+    clock.end("sampling")
     # (2) parse and reward: R = w_format F + sum_a w_a r_a, one fidelity reward per attribute
     rewards = reward_fn(completions, batch["P"], batch["M"], weights=cfg.weights, w_format=cfg.w_format,
                         thinking=cfg.thinking, gamma=cfg.gamma, ignore_ties=cfg.ignore_ties)
@@ -285,7 +285,7 @@ class Phases:
 
     def figures(self) -> dict:
         s = {name: v["s"] for name, v in self.seen.items()}
-        return {"phases": self.seen, "gen_s": s.get("rollout", 0.0), "reward_s": s.get("reward", 0.0),
+        return {"phases": self.seen, "gen_s": s.get("sampling", 0.0), "reward_s": s.get("reward", 0.0),
                 "update_s": s.get("reference", 0.0) + s.get("update", 0.0)}
 
 

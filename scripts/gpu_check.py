@@ -17,7 +17,7 @@ K rollouts, --max-new-tokens with EOS allowed (a random model rarely writes it, 
 whole budget), gradient checkpointing, bf16. Random weights write no parsable answer: the figures are
 time and memory, not learning.
 
-Printed: per step and phase (rollout, reward, reference, update, save) the seconds and peak GPU
+Printed: per step and phase (sampling, reward, reference, update, save) the seconds and peak GPU
 memory; tokens per second; and an MFU estimate (model FLOPs / (seconds x the GPU's dense bf16 peak,
 --peak-tflops)), where FLOPs = 2 N per token forward (rollout, reference) and 6 N per trained token
 (forward, the forward recomputed under gradient checkpointing, and backward through the activations;

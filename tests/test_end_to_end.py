@@ -86,6 +86,6 @@ def test_gpu_check_runs_its_cpu_form(config, tmp_path):
     events = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"event"')]
     assert [e["event"] for e in events] == ["built", "step", "step", "train", "evaluate", "done"]
     first, second = events[1], events[2]
-    assert set(first["phases"]) == {"rollout", "reward", "reference", "update"} and "save_previous" in second["phases"]
+    assert set(first["phases"]) == {"sampling", "reward", "reference", "update"} and "save_previous" in second["phases"]
     unit = 28 if "2.5" in config else 32  # 512x384 -> (512/u) (384/u) tokens; 4000x3000 capped at 1,280
     assert first["image_tokens"] <= (512 // unit) * (384 // unit) + 1280 and first["prompt_tokens"] > 250
