@@ -273,8 +273,7 @@ def answer_hidden(model, p: rollouts.Prompts, ids):
     cache = DynamicCache(config=model.config.get_text_config())
     rollouts.lm_hidden(model, p.input_ids[:1, :S], p.attention_mask[:1, :S], p.positions[:, :1, :S], None, cache)
     cache.batch_repeat_interleave(B)
-    pos = p.next_position[:, None] + torch.arange(T)
-    pos = torch.cat([p.positions[:, :, S:], pos.unsqueeze(0).expand(3, -1, -1)], dim=2)
+    pos = torch.cat([p.positions[:, :, S:], rollouts.completion_positions(p.next_position, T)], dim=2)
     h = rollouts.lm_hidden(model, torch.cat([p.input_ids[:, S:], ids], 1), torch.cat([p.attention_mask, torch.ones_like(ids)], 1),
                            pos, rollouts.image_features(model, p), cache)
     return h[:, Tp - S - 1:Tp - S - 1 + T]

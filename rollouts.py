@@ -221,7 +221,7 @@ def hidden_plain(model, p: Prompts, ids, mask, *, K):
     """(B*K, T, D) hidden states whose LM-head output predicts completion token t at position t."""
     r, T = repeat_prompts(p, K), ids.shape[1]
     Tp = r.input_ids.shape[1]
-    pos = torch.cat([r.positions, _completion_positions(r.next_position, T)], dim=2)
+    pos = torch.cat([r.positions, completion_positions(r.next_position, T)], dim=2)
     h = lm_hidden(model, torch.cat([r.input_ids, ids], 1), torch.cat([r.attention_mask, mask], 1), pos, image_features(model, r))
     return h[:, Tp - 1:Tp - 1 + T]
 
@@ -236,13 +236,13 @@ def hidden_shared(model, p: Prompts, ids, mask, *, K):
     mask that lets completion k attend to the prompt and to itself only (as if alone after it)."""
     (B, Tp), T = p.input_ids.shape, ids.shape[1]
     packed = torch.cat([p.input_ids, ids.reshape(B, K * T)], dim=1)                               # (B, Tp + K*T)
-    pos = torch.cat([p.positions, _completion_positions(p.next_position, T).repeat(1, 1, K)], dim=2)
+    pos = torch.cat([p.positions, completion_positions(p.next_position, T).repeat(1, 1, K)], dim=2)
     h = lm_hidden(model, packed, block_mask(p.attention_mask, mask.reshape(B, K, T)), pos, image_features(model, p))
     last = h[:, Tp - 1, None, None].expand(B, K, 1, h.shape[-1])                                 # predicts token 0
     return torch.cat([last, h[:, Tp:].view(B, K, T, -1)[:, :, :-1]], dim=2).reshape(B * K, T, -1)
 
 
-def _completion_positions(next_position, T):
+def completion_positions(next_position, T):
     """(3, R, T): completion token t of a row sits at that row's next position + t on all three rope axes."""
     pos = next_position[:, None] + torch.arange(T, device=next_position.device)
     return pos.unsqueeze(0).expand(3, -1, -1)

@@ -5,7 +5,6 @@ import os
 import random
 import string
 import subprocess
-import sys
 
 import numpy as np
 import pytest
