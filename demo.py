@@ -80,6 +80,8 @@ class DemoConfig:
     seed: int = 0
     source: str = "photos"          # photos: crops of assets/photos; procedural: synth.synthesize's scenes
     augment: bool = False           # training images rotated / mirrored at random (labels do not change)
+    heldout_photos: str = ",".join(synth.HELDOUT_PHOTOS)  # photos source: never in training, all held-out crops
+    procedural: int = 0             # photos source: procedural scenes added to training (more content to learn the families on)
     n_train: int = 15000
     n_heldout: int = 240
     per_ref: int = 5                # images per scene: clean + (per_ref - 1) family versions (9, aux weight 1.0: slower)
@@ -115,9 +117,17 @@ class Demo:
     def __init__(self, cfg: DemoConfig, processor, log=print):
         t = time.perf_counter()
         n = cfg.n_train + cfg.n_heldout
-        make = synth.synthesize_photos if cfg.source == "photos" else synth.synthesize
-        images, records = make(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
-                               heldout_frac=cfg.n_heldout / n)
+        if cfg.source == "photos":
+            images, records = synth.synthesize_photos(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
+                                                      heldout_frac=cfg.n_heldout / n,
+                                                      heldout_photos=tuple(cfg.heldout_photos.split(",")))
+        else:
+            images, records = synth.synthesize(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
+                                               heldout_frac=cfg.n_heldout / n)
+        if cfg.source == "photos" and cfg.procedural:  # training only: held-out crops stay photos never seen
+            more, extra = synth.synthesize(cfg.procedural, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
+                                           heldout_frac=0.0)
+            images, records = np.concatenate([images, more]), records + extra
         if cfg.augment:  # each training image turned / mirrored at random: 8 views of a few photos' content
             rng = np.random.default_rng([cfg.seed, 7])
             for i in (i for i, r in enumerate(records) if r.split == "train"):
@@ -493,12 +503,11 @@ def main(args) -> int:
     for key, value in json.loads(os.environ.get("MGIQA_DEMO", "{}")).items():
         setattr(cfg, key, type(getattr(cfg, key))(value))  # reduced variants (the CI test) override fields
     torch.set_num_threads(getattr(args, "threads", None) or 2)
-    log_file = open(out / "demo.log", "a")
 
     def log(msg):
         print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
+        with open(out / "demo.log", "a") as f:  # each line on disk at once: nothing lost on a crash
+            f.write(msg + "\n")
 
     t0 = time.perf_counter()
     summary_path = out / "summary.json"

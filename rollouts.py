@@ -6,7 +6,7 @@ Read the plain path first: every prompt repeated K times, exactly as the equatio
 (`sample_plain`, `logprobs_plain`). The shared-prefix path that follows is the default and gives the
 same numbers (tests/test_rollouts.py): the vision tower and the prompt run once per image, not K times
 (docs/METHOD.md, section 7, departure 5):
-- `sample_shared` prefills each image's prompt once and expands its KV cache to the K rows;
+- `sample_shared` prefills each image's prompt once and copies its KV cache to the K rows;
 - `logprobs_shared` packs [prompt, completion 1, ..., completion K] into ONE row per image, with a
   block attention mask (each completion sees the prompt and itself), so one ordinary forward trains
   all K completions. No cache is carried across calls, so gradient checkpointing and FSDP2 work on it.
@@ -159,12 +159,13 @@ def sample_tokens(logits, temperature, top_p=None, generator=None):
 def sample_plain(model, p: Prompts, *, K, max_new_tokens, eos_ids, pad_id, banned=None, temperature=1.0, top_p=None,
                  force_length=False):
     """K completions per image (B*K, T): every prompt repeated K times and prefilled from scratch."""
-    from transformers import DynamicCache
+    from transformers import StaticCache
 
     r = repeat_prompts(p, K)
-    cache = DynamicCache(config=model.config.get_text_config())
-    last = lm_hidden(model, r.input_ids, r.attention_mask, r.positions, image_features(model, r), cache)[:, -1]
-    return _decode(model, last, cache, r.attention_mask, r.next_position, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+    attn = _full_mask(r.attention_mask, max_new_tokens)
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=attn.shape[1])
+    last = lm_hidden(model, r.input_ids, attn, r.positions, image_features(model, r), cache)[:, -1]
+    return _decode(model, last, cache, attn, r.next_position, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                    pad_id=pad_id, banned=banned, temperature=temperature, top_p=top_p, force_length=force_length)
 
 
@@ -172,28 +173,38 @@ def sample_plain(model, p: Prompts, *, K, max_new_tokens, eos_ids, pad_id, banne
 def sample_shared(model, p: Prompts, *, K, max_new_tokens, eos_ids, pad_id, banned=None, temperature=1.0, top_p=None,
                   force_length=False):
     """The same, the shared-prefix way: one vision pass and one prefill per image, the KV cache
-    expanded to the K rows (image-major) before the first token is drawn."""
-    from transformers import DynamicCache
+    copied to the K rows (image-major) before the first token is drawn."""
+    from transformers import DynamicCache, StaticCache
 
-    cache = DynamicCache(config=model.config.get_text_config())
-    last = lm_hidden(model, p.input_ids, p.attention_mask, p.positions, image_features(model, p), cache)[:, -1]
-    cache.batch_repeat_interleave(K)
-    return _decode(model, last.repeat_interleave(K, 0), cache, p.attention_mask.repeat_interleave(K, 0),
-                   p.next_position.repeat_interleave(K), max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                   banned=banned, temperature=temperature, top_p=top_p, force_length=force_length)
+    prefill = DynamicCache(config=model.config.get_text_config())
+    last = lm_hidden(model, p.input_ids, p.attention_mask, p.positions, image_features(model, p), prefill)[:, -1]
+    attn = _full_mask(p.attention_mask.repeat_interleave(K, 0), max_new_tokens)
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=attn.shape[1])
+    for src, dst in zip(prefill.layers, cache.layers):  # allocates each layer at (B*K, heads, Tp + T, d)
+        dst.update(src.keys.repeat_interleave(K, 0), src.values.repeat_interleave(K, 0))
+    del prefill
+    return _decode(model, last.repeat_interleave(K, 0), cache, attn, p.next_position.repeat_interleave(K),
+                   max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, banned=banned,
+                   temperature=temperature, top_p=top_p, force_length=force_length)
 
 
-def _decode(model, last, cache, prompt_mask, next_position, *, max_new_tokens, eos_ids, pad_id, banned, temperature,
+def _full_mask(prompt_mask, max_new_tokens):
+    """(R, Tp + T): the prompt's padding mask, then ones for the tokens to come. A static cache holds
+    Tp + T slots from the start, so every step passes this whole mask; causality hides the slots
+    not yet written."""
+    return torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens)], dim=1)
+
+
+def _decode(model, last, cache, attn, next_position, *, max_new_tokens, eos_ids, pad_id, banned, temperature,
             top_p, force_length, check_every=16):
     """The token loop shared by both paths: (R, T) sampled ids, pad after each row's first EOS.
-    The host learns whether every row has finished only every `check_every` tokens (no per-token sync)."""
+    The host learns whether every row has finished only every `check_every` tokens (no per-token sync);
+    cache: a StaticCache of Tp + max_new_tokens slots written in place (no concatenation); attn (R, Tp + T)."""
     R, V = last.shape[0], model.lm_head.out_features
     eos = torch.as_tensor(list(eos_ids), device=last.device)
     masked = torch.zeros(V, dtype=torch.bool, device=last.device) if banned is None else banned[:V].clone()
     if force_length:
         masked[eos] = True
-    attn = torch.cat([prompt_mask, prompt_mask.new_ones(R, max_new_tokens)], dim=1)  # grown by slicing, not cat
-    Tp = prompt_mask.shape[1]
     finished = torch.zeros(R, dtype=torch.bool, device=last.device)
     tokens = []
     for t in range(max_new_tokens):
@@ -204,7 +215,7 @@ def _decode(model, last, cache, prompt_mask, next_position, *, max_new_tokens, e
         if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and bool(finished.all())):
             break
         pos = (next_position + t).view(1, R, 1).expand(3, R, 1)
-        last = lm_hidden(model, token[:, None], attn[:, :Tp + t + 1], pos, None, cache)[:, -1]
+        last = lm_hidden(model, token[:, None], attn, pos, None, cache)[:, -1]
     ids = torch.stack(tokens, dim=1)
     return ids[:, : int(completion_mask(ids, eos_ids).sum(1).max())]  # drop the all-pad tail after an early stop
 
@@ -284,26 +295,27 @@ class Policy(nn.Module):
 # ----------------------------------------------------------------------------- vision attention
 
 def _varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
-    """Vision attention over many windows in one call: (1, H, S, d) split by cu_seq_lens into
-    independent sequences; all sequences of one length go through one batched sdpa (never one S x S
-    mask). transformers' own non-flash path runs one sdpa per window (thousands per pass for big images)."""
+    """Vision attention over many windows in ONE sdpa call: (1, H, S, d) split by cu_seq_lens into
+    independent sequences, gathered into (windows, H, L_max, d) with a key mask for the shorter ones
+    (never one S x S mask). transformers' own non-flash path runs one sdpa per window (thousands per
+    pass for big images)."""
     _, H, S, d = query.shape
-    starts, lengths = cu_seq_lens_q[:-1].tolist(), (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-    if len(set(lengths)) == 1:  # same-size windows: one view, no copies
-        n, L = len(lengths), lengths[0]
+    lengths = cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]
+    n, L = len(lengths), int(lengths.max())  # the one host sync of the call
+    if L * n == S:  # same-size windows: one view, no copies, no mask (flash-eligible on CUDA)
         q, k, v = (t.view(H, n, L, d).transpose(0, 1) for t in (query, key, value))  # (n, H, L, d)
         return F.scaled_dot_product_attention(q, k, v, scale=scaling).permute(0, 2, 1, 3).reshape(1, S, H, d), None
-    out = torch.empty_like(query)  # (1, H, S, d)
-    for L in sorted(set(lengths)):
-        idx = torch.cat([torch.arange(s, s + L, device=query.device) for s, n in zip(starts, lengths) if n == L])
-        q, k, v = (t[0, :, idx].view(H, -1, L, d).transpose(0, 1) for t in (query, key, value))  # (n, H, L, d)
-        out[0, :, idx] = F.scaled_dot_product_attention(q, k, v, scale=scaling).transpose(0, 1).reshape(H, -1, d)
-    return out.transpose(1, 2), None
+    span = torch.arange(L, device=query.device)
+    valid = span < lengths.to(query.device)[:, None]  # (n, L): window w's first lengths[w] slots are real
+    idx = (cu_seq_lens_q[:-1].to(query.device)[:, None] + span).clamp(max=S - 1)  # padded slots repeat a token
+    q, k, v = (t[0][:, idx].transpose(0, 1) for t in (query, key, value))  # (n, H, L, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scaling)
+    return out.transpose(1, 2)[valid].unsqueeze(0), None  # windows tile 0..S-1 in order: (1, S, H, d)
 
 
 def fast_vision(model) -> None:
     """Same numbers, fewer kernel launches: the vision tower's windowed attention as one batched sdpa
-    per window length (above; a model loaded with flash_attention_2 keeps flash-attn's varlen kernel),
+    per layer (above; a model loaded with flash_attention_2 keeps flash-attn's varlen kernel),
     and the patch embedding's Conv3d, whose kernel equals its stride, as the equivalent matrix product."""
     import types
     from transformers import AttentionInterface

@@ -94,12 +94,12 @@ def strict_json_files(folder) -> list[str]:
     for d, _, files in os.walk(folder):
         for f in files:
             path = os.path.join(d, f)
-            if f.endswith(".json"):
-                json.loads(open(path).read(), parse_constant=refuse)
-            elif f.endswith(".jsonl"):
-                [json.loads(line, parse_constant=refuse) for line in open(path) if line.strip()]
-            else:
+            if not f.endswith((".json", ".jsonl")):
                 continue
+            with open(path) as fh:
+                text = fh.read()
+            lines = text.splitlines() if f.endswith(".jsonl") else [text]
+            [json.loads(line, parse_constant=refuse) for line in lines if line.strip()]
             names.append(os.path.relpath(path, folder))
     return names
 

@@ -26,6 +26,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDUCED = {"grpo_steps": 120, "eval_every": 60, "source": "procedural"}
 
 
+def run_demo_here(out, overrides, monkeypatch, *flags):
+    """demo.main in this process (the imports are paid once), torch's thread count restored after."""
+    import torch
+    monkeypatch.setenv("MGIQA_DEMO", json.dumps(overrides))
+    threads = torch.get_num_threads()
+    try:
+        assert demo.main(demo.parse_args(["--out", str(out), "--threads", "2", *flags])) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_demo(out, overrides, *flags):
     env = {**os.environ, "MGIQA_DEMO": json.dumps(overrides), "OMP_NUM_THREADS": "2"}
     run = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out), "--threads", "2", *flags],
@@ -63,17 +74,17 @@ def photo(path, size=(720, 477)):
     return str(path)
 
 
-def test_tiny_demo_writes_strict_json_report_and_sized_checkpoint(tmp_path):
+def test_tiny_demo_writes_strict_json_report_and_sized_checkpoint(tmp_path, monkeypatch):
     tiny = {"n_train": 300, "n_heldout": 40, "probe_steps": 20, "format_steps": 20, "grpo_steps": 4, "eval_every": 2,
             "batch_size": 4, "num_generations": 4, "aux_batch": 4}
-    run_demo(tmp_path / "demo", tiny)
+    run_demo_here(tmp_path / "demo", tiny, monkeypatch)
     summary = check_outputs(tmp_path / "demo", 40)
     assert summary["config"]["grpo_steps"] == 4 and math.isnan(summary["final"]["overall"])  # NaN came back from null
     photos = summary["photos"]  # the default source: crops of photographs, held out by photo
     assert photos["train"] and photos["heldout"] and not set(photos["train"]) & set(photos["heldout"])
     ladder = sorted(p.name for p in (tmp_path / "demo" / "ladder").glob("*.png"))
     assert len(ladder) == 13 and ladder[0].startswith(photos["heldout"][0])  # clean + 4 families x levels 1, 3, 5
-    run_demo(tmp_path / "demo", tiny, "--ablation")
+    run_demo_here(tmp_path / "demo", tiny, monkeypatch, "--ablation")
     assert strict_json_files(tmp_path / "demo") and (tmp_path / "demo" / "report_ablation.html").is_file()
     assert "ablation" in json.loads((tmp_path / "demo" / "summary.json").read_text())
     # any photo is scaled to about the demo's image size (720 x 477 -> 84 x 56), whatever mgiqa.load's own cap

@@ -148,6 +148,25 @@ def test_sampler_sees_the_models_logits(fresh, shared, monkeypatch):
         assert (seen[t] - want)[~want.isinf()].abs().max() < 1e-4, t
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_decode_writes_one_preallocated_cache_in_place(fresh, shared, monkeypatch):
+    """Every decode step writes into the same key/value storage (a static cache of prompt + T slots),
+    never a tensor grown by concatenation."""
+    model, processor = fresh
+    storage = []
+    real = rollouts.lm_hidden
+
+    def spy(model, input_ids, attention_mask, positions, features=None, cache=None):
+        out = real(model, input_ids, attention_mask, positions, features, cache)
+        if input_ids.shape[1] == 1:  # a decode step
+            storage.append((cache.layers[0].keys.data_ptr(), tuple(cache.layers[0].keys.shape)))
+        return out
+    monkeypatch.setattr(rollouts, "lm_hidden", spy)
+    p, ids, _ = sample(model, processor, random_images(2), 3, 8, seed=1, shared_prefix=shared, force_length=True)
+    assert len(storage) == 7 and len(set(storage)) == 1
+    assert storage[0][1][0] == 6 and storage[0][1][2] == p.input_ids.shape[1] + 8  # (B*K, heads, Tp + T, d)
+
+
 def test_force_length_gives_full_rows_without_eos(fresh):
     model, processor = fresh
     tok = tokens_of(model, processor)
@@ -275,12 +294,17 @@ def test_greedy_sampling_equals_generate(name):
     assert torch.equal(pad(ours), pad(theirs))
 
 
-def test_batched_vision_attention_equals_one_sequence_at_a_time():
+@pytest.mark.parametrize("lengths", [[5, 3, 5, 2, 3, 64], [4, 4, 4]])
+def test_batched_vision_attention_equals_one_sequence_at_a_time(lengths, monkeypatch):
     torch.manual_seed(0)
-    H, d, lengths = 2, 8, [5, 3, 5, 2, 3, 64]
+    H, d = 2, 8
     q, k, v = (torch.randn(1, H, sum(lengths), d) for _ in range(3))
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
     got, _ = rollouts._varlen_sdpa(None, q, k, v, cu_seq_lens_q=cu)
+    monkeypatch.undo()
+    assert len(calls) == 1  # one call for all windows, whatever their lengths
     want = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]).transpose(1, 2)
                       for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)
     assert got.shape == want.shape and (got - want).abs().max() < 1e-6
