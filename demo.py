@@ -126,7 +126,7 @@ class Demo:
                                                heldout_frac=cfg.n_heldout / n)
         if cfg.source == "photos" and cfg.procedural:  # training only: held-out crops stay photos never seen
             more, extra = synth.synthesize(cfg.procedural, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
-                                           heldout_frac=0.0)
+                                           heldout_frac=0.0, cast=True)
             images, records = np.concatenate([images, more]), records + extra
         if cfg.augment:  # each training image turned / mirrored at random: 8 views of a few photos' content
             rng = np.random.default_rng([cfg.seed, 7])

@@ -314,17 +314,26 @@ def _varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, d
 
 
 def fast_vision(model) -> None:
-    """Same numbers, fewer kernel launches: the vision tower's windowed attention as one batched sdpa
-    per layer (above; a model loaded with flash_attention_2 keeps flash-attn's varlen kernel),
-    and the patch embedding's Conv3d, whose kernel equals its stride, as the equivalent matrix product."""
+    """Same numbers, fewer kernel launches: the vision tower's windowed attention as ONE varlen call
+    per layer (flash-attn's kernel on CUDA when the package is installed; else _varlen_sdpa above),
+    and the patch embedding's Conv3d, whose kernel equals its stride, as the equivalent matrix product.
+    The language model keeps sdpa (its training forward takes a 4-D block mask, which flash-attn cannot)."""
+    import importlib.util
     import types
     from transformers import AttentionInterface
 
     visual = getattr(model.model, "visual", None)
     if visual is None or visual.config._attn_implementation not in ("sdpa", "eager", None):
-        return
-    AttentionInterface.register("flash_varlen_sdpa", _varlen_sdpa)  # "flash" in the name: Qwen passes cu_seqlens
-    visual.config._attn_implementation = "flash_varlen_sdpa"
+        return  # a user's choice (e.g. loaded with flash_attention_2) stays
+    cuda = next(visual.parameters()).is_cuda and next(visual.parameters()).dtype in (torch.bfloat16, torch.float16)
+    if cuda and importlib.util.find_spec("flash_attn") is not None:
+        try:
+            visual.set_attn_implementation("flash_attention_2")
+        except (ImportError, ValueError) as err:  # a flash-attn that does not fit this torch / GPU: our sdpa instead
+            print(f"fast_vision: flash_attention_2 unavailable ({err}); batched sdpa instead", flush=True)
+    if visual.config._attn_implementation != "flash_attention_2":
+        AttentionInterface.register("flash_varlen_sdpa", _varlen_sdpa)  # "flash" in the name: Qwen passes cu_seqlens
+        visual.config._attn_implementation = "flash_varlen_sdpa"
     embed = visual.patch_embed
     if isinstance(getattr(embed, "proj", None), nn.Conv3d) and embed.proj.bias is None:
         def forward(self, x):

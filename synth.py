@@ -171,18 +171,19 @@ def _records(levels, mode, per_ref, test, scenes, dataset, photo=None) -> list[R
     return records
 
 
-def _chunk(k: int, levels: np.ndarray, size: int, seed: int, per_ref: int, chunk: int) -> np.ndarray:
-    """uint8 images of scenes k*chunk ... (k+1)*chunk - 1, from their own generator: any order, same pixels."""
+def _chunk(k: int, levels: np.ndarray, size: int, seed: int, per_ref: int, chunk: int, cast: bool = False) -> np.ndarray:
+    """uint8 images of scenes k*chunk ... (k+1)*chunk - 1, from their own generator: any order, same pixels.
+    cast: the colour family also carries the photos' colour cast (_casts), not desaturation alone."""
     rng = np.random.default_rng([seed, 1, k])
     ids = np.arange(k * chunk * per_ref, min((k + 1) * chunk * per_ref, len(levels)))
     sc = _scenes(rng, math.ceil(len(ids) / per_ref), size)
     img = _render(sc, np.arange(len(sc["rx"])), np.zeros((1, 2)))[ids // per_ref - k * chunk]
     moved = levels[ids, 3] > 0  # only these need the subject drawn again
     img[moved] = _render(sc, ids[moved] // per_ref - k * chunk, _offsets(levels[ids[moved], 3], rng))
-    return _distort(img, levels[ids], rng)
+    return _distort(img, levels[ids], rng, _casts(rng, levels[ids, 1]) if cast else None)
 
 
-def _synth(n, size, seed, mode, per_ref, heldout_frac, dataset, work, chunk=32, threads=2):
+def _synth(n, size, seed, mode, per_ref, heldout_frac, dataset, work, chunk=32, threads=2, cast=False):
     """Records and, chunk by chunk (numpy and PNG encoding release the GIL, so threads run in parallel),
     work(images, records) for each chunk's images."""
     from concurrent.futures import ThreadPoolExecutor
@@ -190,16 +191,17 @@ def _synth(n, size, seed, mode, per_ref, heldout_frac, dataset, work, chunk=32, 
     per = chunk * per_ref
 
     def job(k):
-        return work(_chunk(k, levels, size, seed, per_ref, chunk), records[k * per:(k + 1) * per])
+        return work(_chunk(k, levels, size, seed, per_ref, chunk, cast), records[k * per:(k + 1) * per])
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(job, range(math.ceil(n / per))))
     return records, results
 
 
 def synthesize(n: int, size: int, seed: int = 0, mode: str = "family", per_ref: int = 5, heldout_frac: float = 0.2,
-               dataset: str = "synthetic", threads: int = 2) -> tuple[np.ndarray, list[Record]]:
-    """In memory: uint8 images (N, S, S, 3) and their records (image = the file name make_synthetic uses)."""
-    records, chunks = _synth(n, size, seed, mode, per_ref, heldout_frac, dataset, lambda a, r: a, threads=threads)
+               dataset: str = "synthetic", threads: int = 2, cast: bool = False) -> tuple[np.ndarray, list[Record]]:
+    """In memory: uint8 images (N, S, S, 3) and their records (image = the file name make_synthetic uses);
+    cast: colour distortion as on the photos (desaturation and a colour cast), else desaturation only."""
+    records, chunks = _synth(n, size, seed, mode, per_ref, heldout_frac, dataset, lambda a, r: a, threads=threads, cast=cast)
     return np.concatenate(chunks), records
 
 

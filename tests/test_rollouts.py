@@ -4,6 +4,7 @@ gradients, with gradient checkpointing too), greedy sampling against `generate`,
 vision features, the completion mask, and the batched vision attention against a per-window loop."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,3 +357,28 @@ def test_training_logprobs_equal_the_models_own_forward(name, gradient_checkpoin
         monkeypatch.setattr(rollouts, "image_features", lambda model, p: zero_deepstack(real(model, p)))
         dropped, _ = logprobs(model, p, ids, mask, K, True, banned=tok.banned)
         assert (dropped.detach().double() - want)[m].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_vision_gives_the_stock_towers_output(dtype):
+    """Two photos of different sizes: windows of several lengths (edge windows are short) and a
+    full-attention layer over images of different lengths; the one-call attention and the matmul
+    patch embedding give the stock tower's output (bf16: to its rounding)."""
+    import copy
+
+    from PIL import Image
+    model, processor = tiny.build("tiny-qwen2.5-vl", 0, prompts=(mgiqa.build_prompt(True), mgiqa.build_prompt(False)),
+                                  keys=mgiqa.ATTRIBUTES, init_scale=0.2)
+    model = model.to(dtype)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 420), (196, 252))]
+    enc = processor.image_processor(images=images, return_tensors="pt")
+    fast = copy.deepcopy(model)
+    rollouts.fast_vision(fast)
+    assert fast.model.visual.config._attn_implementation == "flash_varlen_sdpa"  # no CUDA here: our batched sdpa
+    with torch.no_grad():
+        want = model.model.visual(enc["pixel_values"].to(dtype), grid_thw=enc["image_grid_thw"])
+        got = fast.model.visual(enc["pixel_values"].to(dtype), grid_thw=enc["image_grid_thw"])
+    want, got = (getattr(o, "pooler_output", o) for o in (want, got))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert got.shape == want.shape and ((got.float() - want.float()).abs().max() / want.float().abs().max()) < tol

@@ -186,3 +186,17 @@ def test_cut_off_moves_subject_towards_border():
         area.append(len(ys))
     assert all(b > a for a, b in zip(distance, distance[1:])), distance
     assert area[-1] < 0.7 * area[0]  # level 5 cuts it off
+
+
+def test_procedural_cast_changes_only_the_colour_family():
+    """cast=True gives procedural colour images the photos' colour cast (their channel balance moves
+    away from the desaturated version's); clean, blurred and moved images keep their pixels."""
+    plain, recs = synth.synthesize(200, 28, seed=2)
+    cast, recs2 = synth.synthesize(200, 28, seed=2, cast=True)
+    assert [r.image for r in recs] == [r.image for r in recs2]
+    fam = np.array([r.family for r in recs], dtype=object)
+    same = np.isin(fam, [None, "blur", "composition"])
+    assert np.array_equal(plain[same], cast[same])
+    strong = np.array([r.family == "color" and r.level >= 4 for r in recs])
+    balance = lambda x: np.abs(x.astype(float).mean((1, 2)) - x.astype(float).mean((1, 2, 3))[:, None]).mean()  # noqa: E731
+    assert strong.sum() >= 5 and balance(cast[strong]) > 3 * balance(plain[strong])
