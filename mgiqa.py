@@ -398,9 +398,10 @@ class _generation_config:
 def decoding_settings(temperature: float, max_new_tokens: int, num_samples: int = 1) -> dict:
     """Every sampling setting of generate, explicit (the decoding contract shared with grpo's rollouts):
     plain temperature sampling, or greedy at temperature 0; no top-k, top-p, repetition penalty or beams."""
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False, temperature=1.0)
+    sampling = (dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0  # top_k 0: none
+                else dict(do_sample=False, temperature=1.0, top_k=None))  # greedy: a top_k would only draw a warning
     return dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=num_samples, num_beams=1,
-                top_k=0, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                 length_penalty=1.0, **sampling)
 
 
