@@ -177,3 +177,16 @@ def test_answer_hidden_equals_the_plain_forward():
     for n, q in model.named_parameters():
         if q.grad is not None:
             assert (g1[n] - q.grad).abs().max() <= 1e-4 * q.grad.abs().max().clamp(min=1e-8), n
+
+
+def test_procedural_scenes_join_training_only_and_heldout_photos_are_chosen():
+    """DemoConfig.procedural adds procedural scenes to the TRAINING set only; heldout_photos picks the
+    photos every held-out crop comes from, and training never sees them."""
+    _, processor = mgiqa.load("demo", device="cpu")
+    demo.fit_processor(processor, 84)
+    cfg = demo.DemoConfig(n_train=200, n_heldout=40, procedural=50, heldout_photos="coffee,ihc")
+    d = demo.Demo(cfg, processor, log=lambda msg: None)
+    assert d.photos == {"train": ["astronaut", "chelsea", "hubble_deep_field", "retina", "rocket"], "heldout": ["coffee", "ihc"]}
+    assert sum(r.dataset == "synthetic" for r in d.train) == 50 and len(d.train) == 250
+    assert all("photo" in r.extra for r in d.heldout) and len(d.heldout) == 40
+    assert len(d.pixels) == 290 and len(d.index) == 290  # every image once, no name shared by two
