@@ -117,13 +117,10 @@ class Demo:
     def __init__(self, cfg: DemoConfig, processor, log=print):
         t = time.perf_counter()
         n = cfg.n_train + cfg.n_heldout
-        if cfg.source == "photos":
-            images, records = synth.synthesize_photos(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
-                                                      heldout_frac=cfg.n_heldout / n,
-                                                      heldout_photos=tuple(cfg.heldout_photos.split(",")))
-        else:
-            images, records = synth.synthesize(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
-                                               heldout_frac=cfg.n_heldout / n)
+        make, only = ((synth.synthesize_photos, {"heldout_photos": tuple(cfg.heldout_photos.split(","))})
+                      if cfg.source == "photos" else (synth.synthesize, {}))
+        images, records = make(n, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
+                               heldout_frac=cfg.n_heldout / n, **only)
         if cfg.source == "photos" and cfg.procedural:  # training only: held-out crops stay photos never seen
             more, extra = synth.synthesize(cfg.procedural, cfg.image_size, cfg.seed, mode="family", per_ref=cfg.per_ref,
                                            heldout_frac=0.0, cast=True)

@@ -325,8 +325,9 @@ def fast_vision(model) -> None:
     visual = getattr(model.model, "visual", None)
     if visual is None or visual.config._attn_implementation not in ("sdpa", "eager", None):
         return  # a user's choice (e.g. loaded with flash_attention_2) stays
-    cuda = next(visual.parameters()).is_cuda and next(visual.parameters()).dtype in (torch.bfloat16, torch.float16)
-    if cuda and importlib.util.find_spec("flash_attn") is not None:
+    weight = next(visual.parameters())
+    half_on_cuda = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)  # what flash-attn runs on
+    if half_on_cuda and importlib.util.find_spec("flash_attn") is not None:
         try:
             visual.set_attn_implementation("flash_attention_2")
         except (ImportError, ValueError) as err:  # a flash-attn that does not fit this torch / GPU: our sdpa instead
