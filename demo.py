@@ -229,9 +229,21 @@ def train_probe(model, demo, cfg, log=print):
         if (step + 1) % 250 == 0 or step + 1 == cfg.probe_steps:
             head.eval()
             with torch.no_grad():  # held-out images are only looked at, for the log
-                acc = (head(pooled_features(model, demo, held)).argmax(-1) == demo.family[held]).float().mean().item()
+                pred = head(pooled_features(model, demo, held)).argmax(-1)
             head.train()
+            acc = (pred == demo.family[held]).float().mean().item()
             log(f"probe step {step + 1}: loss {loss.item():.3f} held-out family accuracy {acc:.2f} ({time.perf_counter() - t:.0f}s)")
+    if cfg.probe_steps:
+        log(f"probe's held-out confusion (rows: true family, columns: predicted; {' / '.join(WORDS)}): "
+            + json.dumps(confusion(demo.family[held], pred).tolist()))
+    return head
+
+
+def confusion(true: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
+    """(families, families) counts: row = true family, column = predicted (FAMILIES order)."""
+    out = np.zeros((len(FAMILIES), len(FAMILIES)), int)
+    np.add.at(out, (true.numpy(), pred.numpy()), 1)
+    return out
 
 
 def pooled_tokens(model, demo, idx) -> tuple:
@@ -492,13 +504,21 @@ def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: st
                         images=demo.heldout_images, appendix=extra)
 
 
+def config(args) -> DemoConfig:
+    """DemoConfig from the command line's seed and source, then the fields MGIQA_DEMO (JSON) overrides."""
+    cfg = DemoConfig(seed=args.seed, source=getattr(args, "source", None) or DemoConfig.source)
+    for key, value in json.loads(os.environ.get("MGIQA_DEMO", "{}")).items():
+        if not hasattr(cfg, key):
+            raise SystemExit(f"error: MGIQA_DEMO sets {key!r}, which is not a DemoConfig field")
+        setattr(cfg, key, type(getattr(cfg, key))(value))  # reduced variants (the CI test) override fields
+    return cfg
+
+
 def main(args) -> int:
     """args: out, seed, ablation, threads (the command line's, or an argparse.Namespace with them)."""
     out = Path(getattr(args, "out", None) or DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = DemoConfig(seed=args.seed, source=getattr(args, "source", None) or DemoConfig.source)
-    for key, value in json.loads(os.environ.get("MGIQA_DEMO", "{}")).items():
-        setattr(cfg, key, type(getattr(cfg, key))(value))  # reduced variants (the CI test) override fields
+    cfg = config(args)
     torch.set_num_threads(getattr(args, "threads", None) or 2)
 
     def log(msg):

@@ -190,3 +190,34 @@ def test_procedural_scenes_join_training_only_and_heldout_photos_are_chosen():
     assert sum(r.dataset == "synthetic" for r in d.train) == 50 and len(d.train) == 250
     assert all("photo" in r.extra for r in d.heldout) and len(d.heldout) == 40
     assert len(d.pixels) == 290 and len(d.index) == 290  # every image once, no name shared by two
+
+
+def test_confusion_counts_true_rows_against_predicted_columns():
+    import torch
+    m = demo.confusion(torch.tensor([0, 0, 1, 4, 4, 4]), torch.tensor([0, 3, 1, 0, 4, 4]))
+    want = np.zeros((5, 5), int)
+    want[0, 0] = want[0, 3] = want[1, 1] = want[4, 0] = 1
+    want[4, 4] = 2
+    assert (m == want).all()
+
+
+def test_probe_script_logs_the_heldout_confusion(monkeypatch, capsys):
+    """scripts/probe.py: the perception stage alone; its last line is the held-out confusion matrix,
+    whose counts add up to the held-out images. An MGIQA_DEMO key that is not a field is refused."""
+    import runpy
+    import torch
+
+    monkeypatch.setenv("MGIQA_DEMO", json.dumps({"n_train": 100, "n_heldout": 40, "probe_steps": 3}))
+    threads = torch.get_num_threads()
+    probe = runpy.run_path(os.path.join(ROOT, "scripts", "probe.py"))
+    try:
+        assert probe["main"](["--source", "procedural"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("probe's held-out confusion")
+    m = np.array(json.loads(last.rsplit("): ", 1)[1]))
+    assert m.shape == (5, 5) and m.sum() == 40
+    monkeypatch.setenv("MGIQA_DEMO", json.dumps({"probe_step": 3}))
+    with pytest.raises(SystemExit, match="probe_step"):
+        demo.config(demo.parse_args([]))
