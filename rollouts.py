@@ -294,14 +294,16 @@ class Policy(nn.Module):
 
 # ----------------------------------------------------------------------------- vision attention
 
-def _varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
+def _varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                 max_length_q=None, **kwargs):
     """Vision attention over many windows in ONE sdpa call: (1, H, S, d) split by cu_seq_lens into
     independent sequences, gathered into (windows, H, L_max, d) with a key mask for the shorter ones
     (never one S x S mask). transformers' own non-flash path runs one sdpa per window (thousands per
-    pass for big images)."""
+    pass for big images). L_max is max_length_q, which the tower computes once per forward for its
+    window layers and once for its full-attention ones (no host sync per layer)."""
     _, H, S, d = query.shape
     lengths = cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]
-    n, L = len(lengths), int(lengths.max())  # the one host sync of the call
+    n, L = len(lengths), int(max_length_q) if max_length_q is not None else int(lengths.max())
     if L * n == S:  # same-size windows: one view, no copies, no mask (flash-eligible on CUDA)
         q, k, v = (t.view(H, n, L, d).transpose(0, 1) for t in (query, key, value))  # (n, H, L, d)
         return F.scaled_dot_product_attention(q, k, v, scale=scaling).permute(0, 2, 1, 3).reshape(1, S, H, d), None

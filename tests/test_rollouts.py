@@ -296,14 +296,15 @@ def test_greedy_sampling_equals_generate(name):
 
 
 @pytest.mark.parametrize("lengths", [[5, 3, 5, 2, 3, 64], [4, 4, 4]])
-def test_batched_vision_attention_equals_one_sequence_at_a_time(lengths, monkeypatch):
+@pytest.mark.parametrize("given", [False, True])  # the longest window passed in (as the tower does) or found
+def test_batched_vision_attention_equals_one_sequence_at_a_time(lengths, given, monkeypatch):
     torch.manual_seed(0)
     H, d = 2, 8
     q, k, v = (torch.randn(1, H, sum(lengths), d) for _ in range(3))
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     calls, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
-    got, _ = rollouts._varlen_sdpa(None, q, k, v, cu_seq_lens_q=cu)
+    got, _ = rollouts._varlen_sdpa(None, q, k, v, cu_seq_lens_q=cu, max_length_q=max(lengths) if given else None)
     monkeypatch.undo()
     assert len(calls) == 1  # one call for all windows, whatever their lengths
     want = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]).transpose(1, 2)
