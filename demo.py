@@ -206,9 +206,11 @@ def init_filters(model, n: int, gain: float, seed: int) -> None:
 
 
 def train_probe(model, demo, cfg, log=print):
-    """Vision tower + probe (batch norm, linear) on its mean-pooled output -> distortion family
-    (cross-entropy); the probe is discarded. Warm-up then cosine learning rate; the batch norm lets
-    the probe read the tower's small differences between images from the first step."""
+    """Vision tower (its patch embedding first given init_filters' high-pass rows) + probe (batch norm,
+    linear) on its mean-pooled output -> distortion family (cross-entropy); the probe is discarded.
+    Warm-up then cosine learning rate; the batch norm lets the probe read the tower's small
+    differences between images from the first step."""
+    init_filters(model, cfg.filters, cfg.filter_gain, cfg.seed)
     vis = model.model.visual
     D = model.config.text_config.hidden_size
     head = nn.Sequential(nn.BatchNorm1d(D), nn.Linear(D, len(FAMILIES)))
@@ -514,6 +516,15 @@ def config(args) -> DemoConfig:
     return cfg
 
 
+def untrained(cfg: DemoConfig, log=print):
+    """The demo's model as built from its config (seed cfg.seed), its processor sized to the demo's
+    images, and the data: what the warm-up starts from (main; scripts/probe.py)."""
+    model, processor = mgiqa.load("demo", device="cpu", seed=cfg.seed)
+    fit_processor(processor, cfg.image_size)
+    rollouts.fast_vision(model)
+    return model, processor, Demo(cfg, processor, log)
+
+
 def main(args) -> int:
     """args: out, seed, ablation, threads (the command line's, or an argparse.Namespace with them)."""
     out = Path(getattr(args, "out", None) or DEFAULT_OUT)
@@ -529,10 +540,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     summary_path = out / "summary.json"
     summary = report.nan_for_null(json.loads(summary_path.read_text())) if summary_path.is_file() else {}
-    model, processor = mgiqa.load("demo", device="cpu", seed=cfg.seed)
-    fit_processor(processor, cfg.image_size)
-    rollouts.fast_vision(model)
-    demo = Demo(cfg, processor, log)
+    model, processor, demo = untrained(cfg, log)
     warm_dir = out / "warmup"
     if args.ablation:
         if not (warm_dir / "config.json").is_file():
@@ -549,7 +557,6 @@ def main(args) -> int:
         summary["ablation_seconds"] = time.perf_counter() - t0
         summary.setdefault("curves", {})["ablation"] = curve
     else:
-        init_filters(model, cfg.filters, cfg.filter_gain, cfg.seed)
         train_probe(model, demo, cfg, log)
         demo.cache_features(model)  # the tower stays as the probe left it (unless cfg.grpo_vision)
         train_format(model, processor, demo, cfg, log)

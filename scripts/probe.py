@@ -18,8 +18,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import demo  # noqa: E402
-import mgiqa  # noqa: E402
-import rollouts  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,11 +28,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = demo.config(args)
     torch.set_num_threads(args.threads)
-    model, processor = mgiqa.load("demo", device="cpu", seed=cfg.seed)
-    demo.fit_processor(processor, cfg.image_size)
-    rollouts.fast_vision(model)
-    data = demo.Demo(cfg, processor)
-    demo.init_filters(model, cfg.filters, cfg.filter_gain, cfg.seed)
+    model, _, data = demo.untrained(cfg)
     demo.train_probe(model, data, cfg)
     return 0
 

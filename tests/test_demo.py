@@ -3,6 +3,7 @@
 GRPO must raise the held-out SRCC above the warm-up checkpoint's; the warm-up never sees a label.
 The full demo (`python demo.py`) is the README's first command; this is its smoke version. A tiny
 variant (seconds) checks what every run writes: strict JSON, report.html, the sized checkpoint."""
+import contextlib
 import json
 import math
 import os
@@ -28,15 +29,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDUCED = {"grpo_steps": 120, "eval_every": 60, "source": "procedural", "probe_steps": 900, "format_steps": 600}
 
 
-def run_demo_here(out, overrides, monkeypatch, *flags):
-    """demo.main in this process (the imports are paid once), torch's thread count restored after."""
+@contextlib.contextmanager
+def threads_kept():
+    """torch's thread count as it was after the block (demo.main and scripts/probe.py set their own)."""
     import torch
-    monkeypatch.setenv("MGIQA_DEMO", json.dumps(overrides))
     threads = torch.get_num_threads()
     try:
-        assert demo.main(demo.parse_args(["--out", str(out), "--threads", "2", *flags])) == 0
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run_demo_here(out, overrides, monkeypatch, *flags):
+    """demo.main in this process (the imports are paid once), torch's thread count restored after."""
+    monkeypatch.setenv("MGIQA_DEMO", json.dumps(overrides))
+    with threads_kept():
+        assert demo.main(demo.parse_args(["--out", str(out), "--threads", "2", *flags])) == 0
 
 
 def run_demo(out, overrides, *flags):
@@ -207,15 +215,11 @@ def test_probe_script_logs_the_heldout_confusion(monkeypatch, capsys):
     """scripts/probe.py: the perception stage alone; its last line is the held-out confusion matrix,
     whose counts add up to the held-out images. An MGIQA_DEMO key that is not a field is refused."""
     import runpy
-    import torch
 
     monkeypatch.setenv("MGIQA_DEMO", json.dumps({"n_train": 100, "n_heldout": 40, "probe_steps": 3}))
-    threads = torch.get_num_threads()
     probe = runpy.run_path(os.path.join(ROOT, "scripts", "probe.py"))
-    try:
+    with threads_kept():
         assert probe["main"](["--source", "procedural"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("probe's held-out confusion")
     m = np.array(json.loads(last.rsplit("): ", 1)[1]))
