@@ -223,7 +223,7 @@ def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens:
     # (3) advantages, per token: the completion's, or each score token its own attribute's (--credit attribute)
     marked = cfg.credit == "attribute" or cfg.entropy_coef > 0
     attr = reward.score_token_attributes(processor.tokenizer, ids, mask) if marked else torch.full_like(ids, -1)
-    adv = reward.token_advantages(rewards, attr, credit=cfg.credit)                                     # (B*K, T)
+    adv = reward.token_advantages(rewards, attr, credit=cfg.credit, weights=cfg.weights)  # (B*K, T)
     clock.end("reward")
     # (4) log-probs of the reference (beta k3) and, for later iterations, of the policy that sampled
     model.train()

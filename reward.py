@@ -136,10 +136,14 @@ def mg_reward(completions: list[str], P, M, weights=None, w_format: float = 1.0,
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """A[i, k] = (R[i, k] - mean_k R) / (std_k R + eps), unbiased std as TRL; zeros when K = 1."""
+    """A[i, k] = (R[i, k] - mean_k R) / (std_k R + eps), unbiased std as TRL; zeros when K = 1.
+    A group whose K rewards are all equal gets exactly 0 (its float mean can sit one rounding step
+    off the common value, which divided by std + eps would give about +-2e-3)."""
     if rewards.shape[-1] < 2:
         return torch.zeros_like(rewards)
-    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)  # (B, K)
+    centred = rewards - rewards.mean(-1, keepdim=True)                      # (B, K)
+    tied = (rewards == rewards[..., :1]).all(-1, keepdim=True)              # (B, 1)
+    return torch.where(tied, 0.0, centred / (rewards.std(-1, keepdim=True) + eps))
 
 
 # ----------------------------------------------------------------------------- per-token credit
@@ -165,22 +169,29 @@ def score_token_attributes(tokenizer, ids, mask) -> torch.Tensor:
     return out.to(ids.device)
 
 
-def token_advantages(rewards: dict, attr_tokens, credit: str = "sequence") -> torch.Tensor:
+def token_advantages(rewards: dict, attr_tokens, credit: str = "sequence", weights=None) -> torch.Tensor:
     """(B*K, T) advantage per token. sequence: the group advantage of the total reward on every
-    token (VisualQuality-R1). attribute: attribute a's score tokens take a's own group advantage,
-    every other token the unnormalised format advantage F - mean_k F (normalised by a tiny batch
-    std, the few unparseable rollouts got advantages near -10 and the format collapsed)."""
+    token (VisualQuality-R1). attribute: attribute a's score tokens take w_a times a's own group
+    advantage (weight 0: no attribute advantage on them), every other token the unnormalised format
+    advantage F - mean_k F (normalised by a tiny batch std, the few unparseable rollouts got
+    advantages near -10 and the format collapsed). weights: (A,), default DEFAULT_WEIGHTS."""
     B, K = rewards["total"].shape
     T = attr_tokens.shape[1]
     if credit == "sequence":
         return group_advantages(rewards["total"]).reshape(B * K, 1).expand(B * K, T)
     if credit != "attribute":
         raise ValueError(f"unknown credit {credit!r} (sequence, attribute)")
-    fmt = rewards["format"]
+    A = len(ATTRIBUTES)
+    per_attribute = rewards["per_attribute"]                               # (B, K, A)
+    w = torch.as_tensor(DEFAULT_WEIGHTS if weights is None else weights, dtype=per_attribute.dtype,
+                        device=per_attribute.device)
+    if w.shape != (A,):
+        raise ValueError(f"reward.token_advantages: weights {tuple(w.shape)} must be (A={A},)")
+    fmt = rewards["format"]                                                # (B, K)
     fmt_adv = (fmt - fmt.mean(1, keepdim=True)).reshape(B * K, 1).expand(B * K, T)
-    per_attr = torch.stack([group_advantages(rewards["per_attribute"][:, :, a]) for a in range(len(ATTRIBUTES))], -1)  # (B, K, A)
-    per_attr = per_attr.reshape(B * K, 1, len(ATTRIBUTES)).expand(B * K, T, len(ATTRIBUTES))
-    own = per_attr.gather(2, attr_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B*K, T)
+    attr_adv = group_advantages(per_attribute.transpose(1, 2)).transpose(1, 2) * w  # (B, K, A)
+    attr_adv = attr_adv.reshape(B * K, 1, A).expand(B * K, T, A)
+    own = attr_adv.gather(2, attr_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B*K, T)
     return torch.where(attr_tokens >= 0, own, fmt_adv)
 
 

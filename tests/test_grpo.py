@@ -83,7 +83,7 @@ def test_attribute_credit_gives_each_score_token_its_attributes_advantage():
     per_attr = torch.tensor([[[0.1, 0.9, 0.5, 0.2, 0.7], [0.4, 0.3, 0.5, 0.8, 0.1], [0.7, 0.6, 0.2, 0.5, 0.4]]])
     rewards = {"total": per_attr.sum(-1), "per_attribute": per_attr, "format": torch.tensor([[1.0, 0.0, 1.0]])}
     attr_tokens = torch.tensor([[-1, 0, -1, 1, 2, 3, 4], [4, 4, -1, -1, 0, -1, -1], [-1, -1, -1, -1, -1, -1, 2]])
-    adv = reward.token_advantages(rewards, attr_tokens, credit="attribute")
+    adv = reward.token_advantages(rewards, attr_tokens, credit="attribute", weights=[1.0] * 5)
     for k in range(3):
         for t in range(7):
             a = int(attr_tokens[k, t])
@@ -97,6 +97,15 @@ def test_attribute_credit_gives_each_score_token_its_attributes_advantage():
             assert float(adv[k, t]) == pytest.approx(want, abs=1e-6), (k, t)
     seq = reward.token_advantages(rewards, attr_tokens, credit="sequence")
     assert torch.allclose(seq, reward.group_advantages(rewards["total"]).reshape(3, 1).expand(3, 7))
+    # --weights scale each attribute's advantage; weight 0 leaves its score tokens none
+    weights = [0.0] * (len(mgiqa.ATTRIBUTES) - 1) + [1.0]
+    overall_only = reward.token_advantages(rewards, attr_tokens, credit="attribute", weights=weights)
+    labelled = (attr_tokens >= 0) & (attr_tokens != mgiqa.ATTRIBUTES.index("overall"))
+    assert labelled.any() and (overall_only[labelled] == 0).all()
+    rest = ~labelled
+    assert torch.equal(overall_only[rest], adv[rest])
+    half = reward.token_advantages(rewards, attr_tokens, credit="attribute", weights=[0.5] * 5)
+    assert torch.allclose(half[attr_tokens >= 0], 0.5 * adv[attr_tokens >= 0])
 
 
 # ----------------------------------------------------------------------------- one step

@@ -142,6 +142,10 @@ def test_equal_rewards_give_zero_advantage():
     sd = statistics.stdev([0.1, 0.5, 0.9])
     assert torch.allclose(A[1], torch.tensor([(x - 0.5) / (sd + 1e-4) for x in (0.1, 0.5, 0.9)]))
     assert torch.equal(group_advantages(torch.ones(4, 1)), torch.zeros(4, 1))
+    # a float32 mean of 8 copies of 0.7 is one rounding step off 0.7: still exactly 0
+    tied = torch.full((2, 8), 0.7)
+    assert (tied - tied.mean(-1, keepdim=True)).abs().max() > 0  # the case the rule is for
+    assert torch.equal(group_advantages(tied), torch.zeros(2, 8))
     # identical completions of one image get identical totals, hence zero advantage
     P, M = map(torch.stack, zip(*[preference_matrix([3.0, 1.0])] * len(ATTRIBUTES)))
     out = mg_reward([answer([4.0] * 5)] * 3 + [answer([2.0] * 5), answer([1.5] * 5), "junk"], P, M)
