@@ -8,12 +8,14 @@ files).
     sampler = data.Sampler({"kadid": records}, batch_size=8)   # next(sampler): one batch
     python data.py summary koniq=/data/koniq10k kadid=/data/kadid10k pyiqa=/data/csiq,meta_info_CSIQDataset.csv
     python data.py summary pyiqa=/data/mine,meta_info_MineDataset.csv,direction=lower
+    python data.py freeze kadid=/data/kadid10k spaq=/data/spaq --out frozen   # test lists, SHA-256 each
 
 In this order: the Record; annotation files (CSV, .xlsx, .mat; every error names file, row and
 column); the readers of 11 datasets, pyiqa meta-info CSVs and this project's manifest, in one table
 (READERS), parse_spec and load_dataset; splits (split_records, save_split, load_split,
-apply_split); stratified_subset; the Sampler, whose batches carry the preferences of
-reward.preferences; the command line (summary). The synthetic scenes are synth.py's.
+apply_split); image lists with SHA-256 hashes (what a model trained on, frozen test lists);
+stratified_subset; the Sampler, whose batches carry the preferences of
+reward.preferences; the command line (summary, freeze). The synthetic scenes are synth.py's.
 
 Departures (levels, directions, the sampler, pair precedence): docs/METHOD.md, section 7, departure 8.
 """
@@ -21,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
 import os
 import re
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass, field, replace
@@ -599,13 +603,13 @@ def split_records(records: list[Record], seed: int = 0, synthetic_fractions=(0.6
     return out
 
 
-def save_split(records: list[Record], path: str) -> None:
-    """A CSV image,dataset,split, written beside a run's outputs so evaluation uses the same images."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "dataset", "split"])
-        w.writerows([r.image, r.dataset, r.split] for r in records)
+def save_split(records: list[Record], path: str, hashes: list[str] | None = None) -> None:
+    """A CSV image,dataset,split[,sha256], written into a run so a resumed run keeps its images;
+    with hashes it is also the run's image list (save_image_list's layout) that evaluation reads."""
+    rows = [{"image": r.image, "dataset": r.dataset, "split": r.split} for r in records]
+    if hashes is not None:
+        rows = [{**row, "sha256": h} for row, h in zip(rows, hashes, strict=True)]
+    save_image_list(rows, path, columns=IMAGE_LIST_COLUMNS if hashes is not None else IMAGE_LIST_COLUMNS[:3])
 
 
 def load_split(path: str) -> dict[str, str]:
@@ -619,6 +623,111 @@ def apply_split(records: list[Record], split: dict[str, str]) -> list[Record]:
     if absent:
         raise ValueError(f"{len(absent)} images are not in the saved split, e.g. {absent[:3]}")
     return [replace(r, split=split[r.image]) for r in records]
+
+
+# ----------------------------------------------------------------------------- image lists and hashes
+# One CSV layout for every list of images this project writes: image, dataset, split, sha256 (of
+# the file's bytes). A run's split-<name>.csv files, the training_data.csv in every model folder
+# grpo.py writes (what the model trained on: split "train"; the held-out rest: "val" / "test") and
+# the frozen test lists of `data.py freeze` (image relative to the dataset's root) all use it, so
+# evaluation can recognise a training image by its bytes under any name.
+
+IMAGE_LIST_COLUMNS = ("image", "dataset", "split", "sha256")
+TRAINING_DATA = "training_data.csv"  # in every model folder grpo.py writes
+HASH_PROGRESS_EVERY = 1000  # files between two progress lines of sha256_files
+
+
+def sha256_file(path: str) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: list[str], what: str = "images", every: int = HASH_PROGRESS_EVERY) -> list[str]:
+    """sha256_file of each path; on a large set (every files or more) a progress line on stderr
+    every `every` files."""
+    out = []
+    for i, path in enumerate(paths, start=1):
+        out.append(sha256_file(path))
+        if len(paths) >= every and (i % every == 0 or i == len(paths)):
+            print(f"hashing {what}: {i:,} / {len(paths):,} files", file=sys.stderr, flush=True)
+    return out
+
+
+def save_image_list(rows: list[dict], path: str, columns=IMAGE_LIST_COLUMNS) -> None:
+    """rows ({column: value}) as a CSV, written to path.tmp and renamed (a crash leaves no half file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        w.writerows([row[c] for c in columns] for row in rows)
+    os.replace(f"{path}.tmp", path)
+
+
+def load_image_list(path: str) -> list[dict]:
+    """save_image_list's rows ({image, dataset, split, sha256}); a missing column or a malformed
+    hash raises, naming the file and row."""
+    wanted = {c: (c,) for c in IMAGE_LIST_COLUMNS}
+    rows = []
+    for r, v, _ in _table(path, wanted):
+        row = {c: str(v[c] or "").strip() for c in IMAGE_LIST_COLUMNS}
+        if not re.fullmatch(r"[0-9a-f]{64}", row["sha256"]):
+            raise ValueError(f"{path}: row {r}, column 'sha256': {row['sha256']!r} is not a SHA-256 hex digest")
+        rows.append(row)
+    return rows
+
+
+def has_hashes(path: str) -> bool:
+    """Whether path is an image list with a sha256 column (a run written before hashes had none)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, newline="", encoding="utf-8") as f:
+        return "sha256" in next(csv.reader(f), [])
+
+
+def image_root(root: str) -> str:
+    """The folder a dataset's image names are relative to: root, or the folder of a CSV given as root."""
+    return root if os.path.isdir(root) else os.path.dirname(root) or "."
+
+
+def select_test(records: list[Record], seed: int = 0) -> list[Record]:
+    """The test split: the dataset's official one, else split_records' seeded one (reference-disjoint
+    for a synthetic dataset with references), as grpo.py splits a training dataset."""
+    records = records if any(r.split == "test" for r in records) else split_records(records, seed=seed)
+    return [r for r in records if r.split == "test"]
+
+
+def freeze(name: str, root: str, out_dir: str, seed: int = 0, **opts) -> tuple[str, int]:
+    """Write one dataset's test split with the SHA-256 of each image to OUT_DIR/<dataset>.csv (image
+    relative to the dataset's root); returns (path, images). evaluate.py --data NAME=ROOT,frozen=PATH
+    scores exactly these images and refuses any whose bytes differ."""
+    records = select_test(load_dataset(name, root, **opts), seed)
+    if not records:
+        raise ValueError(f"{name}: no test images under {root}")
+    base = image_root(root)
+    rows = [{"image": os.path.relpath(r.image, base).replace(os.sep, "/"), "dataset": r.dataset, "split": r.split,
+             "sha256": h} for r, h in zip(records, sha256_files([r.image for r in records], what=name))]
+    path = os.path.join(out_dir, f"{records[0].dataset}.csv")
+    save_image_list(rows, path)
+    return path, len(rows)
+
+
+def frozen_records(records: list[Record], root: str, path: str) -> tuple[list[Record], list[str]]:
+    """The records a frozen list names (image relative to root), in its order, each carrying the
+    expected hash as extra["sha256"] for the caller to check; and the listed names not found."""
+    base = image_root(root)
+    by_name = {os.path.relpath(r.image, base).replace(os.sep, "/").lower(): r for r in records}
+    kept, missing = [], []
+    for row in load_image_list(path):
+        rec = by_name.get(row["image"].replace("\\", "/").lower())
+        if rec is None or not os.path.isfile(rec.image):
+            missing.append(row["image"])
+        else:
+            kept.append(replace(rec, split=row["split"], extra={**rec.extra, "sha256": row["sha256"]}))
+    return kept, missing
 
 
 def stratified_subset(records: list[Record], n: int, seed: int = 0) -> list[Record]:
@@ -738,9 +847,16 @@ def summary(name: str, root: str, **opts) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, help="summary: check datasets")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                help="summary: check datasets; freeze: write test lists with hashes")
     m = sub.add_parser("summary", help="images, splits, MOS range, labels and missing files per dataset")
     m.add_argument("datasets", nargs="+", help=f"NAME=ROOT[,FILE][,KEY=VALUE ...], NAME in {', '.join(READERS)}")
+    f = sub.add_parser("freeze", help="each dataset's test split with the SHA-256 of every image, "
+                                      "for evaluate.py --data NAME=ROOT,frozen=OUT/<dataset>.csv")
+    f.add_argument("datasets", nargs="+", help="NAME=ROOT[,FILE][,KEY=VALUE ...], as for summary")
+    f.add_argument("--out", required=True, help="folder for the lists, one <dataset>.csv each")
+    f.add_argument("--seed", type=int, default=0,
+                   help="seed of the split where a dataset has no official one (grpo.py --seed's split)")
     return parser
 
 
@@ -751,7 +867,11 @@ def main(argv=None) -> int:
         name = spec.partition("=")[0]
         try:
             name, root, opts = parse_spec(spec)
-            print(summary(name, root, **opts))
+            if args.command == "freeze":
+                path, n = freeze(name, root, args.out, seed=args.seed, **opts)
+                print(f"{name}: {n:,} test images frozen in {path} (SHA-256 of each)")
+            else:
+                print(summary(name, root, **opts))
         except (OSError, ValueError) as err:  # report every dataset, then fail
             print(f"{name}: error: {err}")
             failed += 1

@@ -310,13 +310,18 @@ def summarize(rows, records) -> dict:
         if any(rec.family for rec in group_recs):
             entry["within_family"] = attribute_srcc_within_family(group, group_recs)
         datasets[name] = entry
+    return {"datasets": datasets, "average": average_of(datasets)}
+
+
+def average_of(datasets: dict) -> dict:
+    """Per attribute, the plain mean over the datasets that label it of srcc, krcc, plcc, plcc_raw."""
     average = {}
     for a in ATTRIBUTES:
         having = [d["metrics"][a] for d in datasets.values() if a in d["metrics"]]
         if having:
             average[a] = {m: float(np.mean([h[m] for h in having])) for m in ("srcc", "krcc", "plcc", "plcc_raw")}
             average[a]["datasets"] = len(having)
-    return {"datasets": datasets, "average": average}
+    return average
 
 
 def _cell(value) -> str:
@@ -324,6 +329,21 @@ def _cell(value) -> str:
 
 
 def markdown_table(summary: dict) -> str:
+    """The results table; when the model's training images are known, two tables, each with its
+    average: the in-domain test splits (datasets it trained on) and the cross-dataset ones."""
+    roles = [role for role in (IN_DOMAIN, CROSS) if any(d.get("role") == role for d in summary["datasets"].values())]
+    if not roles:
+        return results_table(summary)
+    blocks = []
+    for role in roles:
+        datasets = {n: d for n, d in summary["datasets"].items() if d.get("role") == role}
+        heading = "datasets the model trained on: the run's own held-out test images" if role == IN_DOMAIN \
+            else "datasets the model never trained on"
+        blocks.append(f"{role} ({heading})\n\n" + results_table({"datasets": datasets, "average": average_of(datasets)}))
+    return "\n".join(blocks)
+
+
+def results_table(summary: dict) -> str:
     columns = [a for a in ("overall", *LABELLED) if a in summary["average"]]
     head = ["dataset", "n", "unparsed"] + [f"{a} {m}" for a in columns for m in ("SRCC", "PLCC")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -434,6 +454,9 @@ def parse_args(argv=None):
     g.add_argument("--split", default=None, help="train / val / test of each --data (the suite fixes its own)")
     g.add_argument("--seed", type=int, default=0, help="seed of data.split_records where a dataset has no split")
     g.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset")
+    g.add_argument("--allow-trained", action="store_true",
+                   help="score images the model trained on too (by SHA-256, from the training_data.csv its folder "
+                        "carries), each dataset as --split / the suite selects it; marked in the summary and report")
     g = parser.add_argument_group("output and comparison")
     g.add_argument("--out", default=None, help="output folder (required for a run; resumes when it holds results)")
     g.add_argument("--report", action="store_true",
@@ -446,8 +469,9 @@ def parse_args(argv=None):
     return parser, parser.parse_args(argv)
 
 
-def load_sets(parser, args) -> list[tuple[str, list]]:
-    """(file stem, records) for each --data entry and each suite benchmark, split and limited."""
+def load_sets(parser, args) -> list[tuple[str, list, list]]:
+    """(file stem, every record of the dataset, the records its split selects) for each --data entry
+    and each suite benchmark. A frozen=FILE option selects the images of that frozen list."""
     sets = []
     for spec in args.data:
         try:
@@ -456,18 +480,137 @@ def load_sets(parser, args) -> list[tuple[str, list]]:
             parser.error(f"--data: {err}")
         if name not in data.READERS:
             parser.error(f"--data {spec!r}: NAME must be one of {', '.join(data.READERS)}")
-        records = select_split(data.load_dataset(name, root, **opts), args.split, args.seed)
-        sets.append((records[0].dataset if name == "pyiqa" and records else name, records))
+        frozen = opts.pop("frozen", None)
+        records = data.load_dataset(name, root, **opts)
+        if frozen:
+            selected, missing = data.frozen_records(records, root, frozen)
+            if missing:
+                sys.exit(f"error: {frozen}: {len(missing)} listed images are missing under {root}: "
+                         + ", ".join(missing) + "; nothing was scored")
+            records = selected
+        elif any("sha256" in r.extra for r in records):  # a manifest with hashes: every file must be there
+            try:
+                data.load_dataset(name, root, strict=True, **opts)
+            except FileNotFoundError as err:
+                sys.exit(f"error: {err}; nothing was scored")
+            selected = records
+        else:
+            selected = select_split(records, args.split, args.seed)
+        sets.append((records[0].dataset if name == "pyiqa" and records else name, records, selected))
     if args.suite:
         for name, folder, how in SUITE:
             records = data.load_dataset(name, os.path.join(args.data_root, folder))
             split = None if how is None else "test"
-            sets.append((name, select_split(records, split, args.seed, official=how == "official")))
-    sets = [(stem, records[:args.limit] if args.limit is not None else records) for stem, records in sets]
-    for stem, records in sets:
-        if not records or [s for s, _ in sets].count(stem) > 1:
+            sets.append((name, records, select_split(records, split, args.seed, official=how == "official")))
+    for stem, _, records in sets:
+        if not records or [s for s, _, _ in sets].count(stem) > 1:
             parser.error(f"{stem}: named twice, or no images to evaluate (split {args.split!r})")
     return sets
+
+
+# ----------------------------------------------------------------------------- no test image trained on
+# A model folder grpo.py writes carries data.TRAINING_DATA: every image of each dataset it trained
+# on, with its split (train: trained on; val / test: held out) and the SHA-256 of its bytes. For a
+# dataset the model trained on (half or more of its images are in that list, by bytes), evaluation
+# scores the run's own test split from the list; any other image whose bytes match a trained one,
+# under any name or dataset, is left out and counted (--allow-trained scores it, marked). Expected
+# hashes (a frozen list, a manifest's sha256 column) are checked before anything is scored.
+
+IN_DOMAIN, CROSS, UNKNOWN = "in-domain test split", "cross-dataset", "training images unknown"
+
+
+def training_lists(model: str, adapter: str | None) -> tuple[list[dict] | None, list[str]]:
+    """(rows of every data.TRAINING_DATA in the adapter and model folders, the files read); rows None
+    when neither carries one (a hub checkpoint, a model trained elsewhere)."""
+    files = [os.path.join(f, data.TRAINING_DATA) for f in (adapter, model) if f and os.path.isdir(f)]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        return None, []
+    return [row for f in files for row in data.load_image_list(f)], files
+
+
+def check_hashes(stem: str, records, hash_of: dict) -> list[str]:
+    """One line per record whose file's SHA-256 differs from the one it carries (extra["sha256"])."""
+    return [f"{stem}: {r.image}: changed (SHA-256 {hash_of[r.image][:12]}..., expected {r.extra['sha256'][:12]}...)"
+            for r in records if "sha256" in r.extra and hash_of[r.image] != r.extra["sha256"]]
+
+
+def held_out(stem: str, records, selected, listed, hash_of: dict, allow_trained: bool) -> tuple[list, dict]:
+    """(records to score, what was done) for one dataset under the model's training list (listed,
+    None when unknown): its role, and how many images were left out as trained on or outside the
+    run's test split (or, with allow_trained, how many trained ones are scored)."""
+    if listed is None:
+        return selected, {"role": UNKNOWN}
+    trained = {row["sha256"] for row in listed if row["split"] == "train"}
+    tested = {row["sha256"] for row in listed if row["split"] == "test"} - trained
+    known = {row["sha256"] for row in listed}
+    in_domain = 2 * sum(hash_of[r.image] in known for r in records) >= len(records)
+    info = {"role": IN_DOMAIN if in_domain else CROSS}
+    if allow_trained:
+        info["trained_scored"] = sum(hash_of[r.image] in trained for r in selected)
+        return selected, info
+    pool = records if in_domain else selected  # in-domain: the run's own split, never --split or --seed's
+    keep = [r for r in pool if hash_of[r.image] not in trained and (not in_domain or hash_of[r.image] in tested)]
+    info["trained_left_out"] = sum(hash_of[r.image] in trained for r in pool)
+    if in_domain:
+        info["outside_test_split"] = len(pool) - len(keep) - info["trained_left_out"]
+    return keep, info
+
+
+def protocol_line(stem: str, n: int, info: dict) -> str:
+    """What was scored of one dataset and why, for the console and the summary."""
+    line = f"{stem}: {info['role']}, {n:,} images scored"
+    if "trained_left_out" in info:
+        line += f"; {info['trained_left_out']:,} trained-on images left out"
+    if info.get("outside_test_split"):
+        line += f"; {info['outside_test_split']:,} outside the run's test split left out"
+    if info.get("trained_scored"):
+        line += f"; {info['trained_scored']:,} TRAINED-ON IMAGES SCORED (--allow-trained)"
+    return line
+
+
+def select_protocol(sets, args) -> tuple[list[tuple[str, list]], dict, str]:
+    """(file stem, records to score) per set under the scored model's training list (held_out), after
+    every expected hash is checked (exit naming each changed file; nothing scored), then --limit;
+    what was done per dataset (held_out's dict); where the training list came from."""
+    listed, files = training_lists(args.model, args.adapter)
+    need = list(dict.fromkeys(r.image for _, records, _ in sets for r in records
+                              if listed is not None or "sha256" in r.extra))
+    hash_of = dict(zip(need, data.sha256_files(need, what="evaluation images")))
+    changed = [line for stem, records, _ in sets for line in check_hashes(stem, records, hash_of)]
+    if changed:
+        sys.exit(f"error: {len(changed)} images differ from their recorded SHA-256; nothing was scored:\n"
+                 + "\n".join(changed))
+    out, protocol = [], {}
+    for stem, records, selected in sets:
+        keep, info = held_out(stem, records, selected, listed, hash_of, args.allow_trained)
+        keep = keep[:args.limit] if args.limit is not None else keep
+        if not keep:
+            sys.exit(f"error: {protocol_line(stem, 0, info)}: nothing left to evaluate")
+        out.append((stem, keep))
+        protocol |= dict.fromkeys((r.dataset for r in keep), info)  # summaries are per dataset
+    return out, protocol, ", ".join(files) if files else UNKNOWN
+
+
+def roles_line(summary: dict) -> str:
+    """Which datasets are in-domain test splits and which cross-dataset, or that nobody knows."""
+    if summary["training_images"] == UNKNOWN:
+        return f"{UNKNOWN} (the model carries no {data.TRAINING_DATA})"
+    names = {role: [n for n, d in summary["datasets"].items() if d.get("role") == role] for role in (IN_DOMAIN, CROSS)}
+    return " · ".join(f"{role}: {', '.join(found)}" for role, found in names.items() if found)
+
+
+def protocol_summary(summary: dict) -> str:
+    """Console lines: where the training list came from, and per dataset what was scored."""
+    lines = [f"training images: {summary['training_images']}"]
+    lines += [protocol_line(name, d["n"], d) for name, d in summary["datasets"].items() if "role" in d]
+    left = sum(d.get("trained_left_out", 0) for d in summary["datasets"].values())
+    if summary["training_images"] != UNKNOWN:
+        lines.append(f"{left:,} images the model trained on were left out"
+                     + (" (--allow-trained scores them)" if left else "")
+                     + (f"; {summary['trained_scored']:,} TRAINED-ON IMAGES WERE SCORED (--allow-trained)"
+                        if summary["trained_scored"] else ""))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model or not args.out or not (args.data or args.suite) or (args.suite and not args.data_root):
         parser.error("a run needs --model, --out and --data NAME=ROOT ... or --suite --data-root ROOT")
-    sets = load_sets(parser, args)
+    sets, protocol, source = select_protocol(load_sets(parser, args), args)
 
     import torch
     if args.threads:
@@ -491,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: --model {args.model} is an untrained random model: its scores are noise.", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     run = {"model": args.model, "adapter": args.adapter, "thinking": not args.fast, "max_new_tokens": args.max_new_tokens,
-           "max_pixels": args.max_pixels}
+           "max_pixels": args.max_pixels, "allow_trained": args.allow_trained}
     run_path = os.path.join(args.out, "run.json")
     if os.path.exists(run_path):
         with open(run_path) as f:
@@ -507,6 +650,10 @@ def main(argv: list[str] | None = None) -> int:
                                  max_new_tokens=args.max_new_tokens, progress=True)
         records += recs
     summary = {**run, "split": args.split, **summarize(rows, records)}
+    for name, info in protocol.items():
+        summary["datasets"][name] |= info
+    summary["training_images"] = source
+    summary["trained_scored"] = sum(d.get("trained_scored", 0) for d in summary["datasets"].values())
     report.write_json(os.path.join(args.out, "summary.json"), summary)
     table = markdown_table(summary)
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -516,16 +663,20 @@ def main(argv: list[str] | None = None) -> int:
         if d["parse_failures"]:
             print(f"{name}: {d['parse_failures']} of {d['n']} completions had no parsable overall score "
                   "(left out of the metrics, counted)")
+    print(protocol_summary(summary))
     print(scatter_plots(rows, args.out))
     if args.report:
         try:  # the cap in force: the checkpoint's own where it is smaller (mgiqa.cap_pixels)
             cap = f"pixel cap {int(processor.image_processor.size['longest_edge']):,}"
         except (AttributeError, KeyError, TypeError):
             cap = f"--max-pixels {args.max_pixels:,}"
+        trained = summary["trained_scored"]
         path = report.write_report(
-            os.path.join(args.out, "report.html"), rows, records, summary, f"MG-IQA evaluation: {args.model}",
+            os.path.join(args.out, "report.html"), rows, records, summary,
+            f"MG-IQA evaluation: {args.model}"
+            + (f" · INCLUDES {trained:,} TRAINING IMAGES (--allow-trained)" if trained else ""),
             subtitle=f"adapter {args.adapter or 'none'} · {'reasoning' if not args.fast else 'answer only'} · "
-                     f"split {args.split or 'as given'} · {cap}",
+                     f"split {args.split or 'as given'} · {cap} · {roles_line(summary)}",
             note="an untrained random model: its scores are noise" if args.model in mgiqa.TINY_MODELS else "",
             max_images=args.report_images or None)
         print(f"wrote {path}")

@@ -63,7 +63,7 @@ class Config:
     fsdp: bool = option(False, "model", "with --full under torchrun: shard weights, gradients and AdamW states (FSDP2)")
     lora_rank: int = option(64, "model", "LoRA rank r")
     lora_alpha: float = option(128.0, "model", "LoRA alpha; the adapter's scale is alpha / r")
-    lora_dropout: float = option(0.0, "model", "LoRA dropout; 0 keeps rho = 1 exactly with one iteration")
+    lora_dropout: float = option(0.0, "model", "LoRA dropout (rho = 1 on the first update whatever it is)")
     lora_vision: bool = option(False, "model", "also put adapters on the vision tower (else it stays frozen)")
     dtype: str = option("auto", "model", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32; "
                                          "trainable state is fp32 always")
@@ -80,7 +80,7 @@ class Config:
     # rollouts
     num_generations: int = option(6, "rollouts", "K rollouts per image (VisualQuality-R1: 6)", short="-K")
     temperature: float = option(1.0, "rollouts", "sampling temperature")
-    top_p: float = option(1.0, "rollouts", "nucleus sampling (1: off)")
+    top_p: float = option(1.0, "rollouts", "nucleus sampling; training refuses < 1 (check_config says why)")
     max_new_tokens: int = option(256, "rollouts", "longest completion (VisualQuality-R1: 256)")
     thinking: bool = option(True, "rollouts", "reason in <think> before the answer (--no-thinking: answer only)")
     shared_prefix: bool = option(True, "rollouts", "vision tower and prompt once per image, not K times "
@@ -122,6 +122,15 @@ class Config:
         self.weights = [float(w) for w in self.weights]
         if self.lr is None:
             self.lr = 1e-6 if self.full else 1e-5  # full: VisualQuality-R1; LoRA: ours
+
+
+def check_config(cfg: Config) -> None:
+    """Settings no run may use, refused before any work with the reason (ValueError)."""
+    if cfg.top_p < 1:
+        # the ratio and the KL use token_logprobs' full distribution, not the truncated one that sampled
+        raise ValueError(f"--top-p {cfg.top_p}: training samples from the full distribution (--top-p 1) only; "
+                         "nucleus sampling would draw from a truncated distribution while the ratio and the KL "
+                         "use the full one")
 
 
 def lr_lambda(cfg: Config):
@@ -253,7 +262,7 @@ def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens:
             for key, value in (("loss", loss), ("entropy", bonus), ("kl", (kl * mask[rows]).sum() / n_tokens.clamp(min=1)),
                                ("clip", (clipped.float() * mask[rows]).sum() / n_tokens.clamp(min=1))):
                 stats[key] += float(value.detach() if torch.is_tensor(value) else value) / cfg.num_iterations  # per update
-        if aux_loss is not None:  # the demo's label-free auxiliary loss (docs/METHOD.md, section 7)
+        if aux_loss is not None:  # the demo's probe loss on distortion-family labels (one process only: train)
             aux = aux_loss(model)
             aux.backward()
             stats["aux"] = aux.item()
@@ -337,7 +346,16 @@ def format_line(i: int, s: dict) -> str:
     srcc = " ".join(f"{x:+.2f}" for x in s["srcc"])
     return (f"step {i:5d} | reward {s['reward']:.3f} ({attrs}) | format {s['format']:.2f} | srcc {srcc} | "
             f"kl {s['kl']:.4f} clip {s['clip']:.3f} | len {s['length']:.1f} | "
-            f"gen {s['gen_s']:.2f}s reward {s['reward_s']:.2f}s update {s['update_s']:.2f}s")
+            f"gen {s['gen_s']:.2f}s reward {s['reward_s']:.2f}s update {s['update_s']:.2f}s"
+            + (f" | elapsed {duration(s['elapsed_s'])} eta {duration(s['eta_s'])}" if "eta_s" in s else ""))
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s or 12s."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=None, aux_loss=None, eval_fn=None,
@@ -345,8 +363,13 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
     """Resume from the newest checkpoint in cfg.out if there is one, then step until cfg.steps,
     checkpointing every cfg.save_every steps; at the end final/ (export). prompts_of(records) ->
     rollouts.Prompts (default: the records' image files through the processor); eval_fn(model, step)
-    -> dict runs on rank 0 while the others wait; reward_fn defaults to reward.mg_reward. Returns the
-    logged figures of each step."""
+    -> dict runs on rank 0 while the others wait; reward_fn defaults to reward.mg_reward. aux_loss(model)
+    -> scalar is added to each update's gradient (the demo's probe; one process only: its backward
+    would run outside DDP's synchronised one). Returns the logged figures of each step."""
+    check_config(cfg)
+    if aux_loss is not None and distributed.is_distributed():
+        raise ValueError("aux_loss under torchrun: its gradients would not be all-reduced across ranks "
+                         "(it runs outside the synchronised backward); train it in one process")
     run_dir, rank = Path(cfg.out), distributed.rank()
     device = next(model.parameters()).device
     policy = distributed.wrap(model, cfg.fsdp, compute_dtype(cfg, device), cfg.shared_prefix)
@@ -359,13 +382,13 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
         i = load_checkpoint(latest, policy, optimizer, scheduler, sampler)
         if rank == 0:
             log(f"resumed from {latest} at step {i}")
-            _truncate_log(run_dir / "log.jsonl", i)
     if rank == 0:
+        _truncate_log(run_dir / "log.jsonl", i)  # lines past the checkpoint (all of them without one)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     text = mgiqa.prompt_text(processor, cfg.thinking)
     prompts_of = prompts_of or (lambda records: rollouts.encode_prompts(model, processor, [r.image for r in records], text))
-    history, saved = [], {}
+    history, saved, start, first = [], {}, time.perf_counter(), i
     while i < cfg.steps:
         batch = to_device(sampler.sample(), device)
         prompts = rollouts.to_device(prompts_of(batch["records"]), device)
@@ -373,7 +396,9 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
                           reward_fn=reward_fn or reward.mg_reward)
         scheduler.step()
         i += 1
-        stats.update(step=i, dataset=batch["dataset"], lr=scheduler.get_last_lr()[0])
+        elapsed = time.perf_counter() - start
+        stats.update(step=i, dataset=batch["dataset"], lr=scheduler.get_last_lr()[0], elapsed_s=elapsed,
+                     eta_s=elapsed / (i - first) * (cfg.steps - i))  # this session's mean step time
         if eval_fn is not None and cfg.eval_every and (i % cfg.eval_every == 0 or i == cfg.steps):
             if rank == 0:
                 with torch.no_grad(), precision(cfg, model):
@@ -470,6 +495,7 @@ def save_checkpoint(run_dir, step, policy, optimizer, scheduler, sampler, cfg: C
     torch.save({"sampler": sampler.state_dict(), "rng": rng_state()}, tmp / f"rank-{rank}.pt")
     if rank == 0:
         torch.save(state, tmp / "trainer_state.pt")
+        carry_training_data(run_dir, tmp, *([] if cfg.full else [tmp / "adapter"]))
     distributed.barrier()  # every rank's files are on disk before the rename makes the checkpoint count
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -525,6 +551,7 @@ def export(policy, processor, out, cfg: Config) -> Path:
     if not cfg.full:
         if distributed.rank() == 0:
             lora.save_adapter(model, out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+            carry_training_data(cfg.out, out)
         distributed.barrier()
         return out
     state = distributed.full_state_dict(policy) if cfg.fsdp else None  # a collective: every rank calls it
@@ -532,8 +559,19 @@ def export(policy, processor, out, cfg: Config) -> Path:
         model.generation_config = mgiqa.plain_generation_config(model)
         model.save_pretrained(out, state_dict=state)
         processor.save_pretrained(out)
+        carry_training_data(cfg.out, out)
     distributed.barrier()
     return out
+
+
+def carry_training_data(run_dir, *folders) -> None:
+    """Copy the run's list of its images (data.TRAINING_DATA: what it trained on, by SHA-256, and the
+    held-out rest) into model folders, so evaluate.py can leave trained images out; none, no copy."""
+    source = Path(run_dir) / data.TRAINING_DATA
+    if source.is_file():
+        for folder in folders:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, Path(folder) / data.TRAINING_DATA)
 
 
 def save_merged(model, processor, out) -> None:
@@ -577,7 +615,10 @@ def build_model(cfg: Config):
 
 def load_data(cfg: Config, rank: int = 0):
     """Training and held-out records from --data, one training set per dataset the records name; each
-    dataset's split is written to the run dir (atomically, by rank 0) and read back by every rank."""
+    dataset's split, with the SHA-256 of every image (hashed once, kept for a resume), is written to
+    the run dir as split-<dataset>.csv (atomically, by rank 0) and read back by every rank. Rank 0
+    also writes the run's data.TRAINING_DATA: those lists, plus the list of a --model that was itself
+    trained here (its images stay trained-on), which every model folder of the run carries."""
     train_sets, heldout = {}, []
     loaded = []
     for spec in cfg.data:
@@ -591,10 +632,17 @@ def load_data(cfg: Config, rank: int = 0):
             loaded.append((dataset, data.split_records(records, seed=cfg.seed)))
     for dataset, records in loaded:
         split_path = Path(cfg.out) / f"split-{dataset}.csv"
-        if rank == 0 and not split_path.is_file():  # a resumed or evaluated run keeps its images
-            split_path.parent.mkdir(parents=True, exist_ok=True)
-            data.save_split(records, str(split_path) + ".tmp")
-            os.replace(str(split_path) + ".tmp", split_path)
+        if rank == 0 and not data.has_hashes(str(split_path)):
+            if split_path.is_file():  # a run from before hashes were kept: its images, now hashed
+                records = data.apply_split(records, data.load_split(str(split_path)))
+            hashes = data.sha256_files([r.image for r in records], what=dataset)
+            data.save_split(records, str(split_path), hashes=hashes)
+    if rank == 0:
+        lists = [Path(cfg.out) / f"split-{dataset}.csv" for dataset, _ in loaded]
+        parent = Path(cfg.model) / data.TRAINING_DATA
+        lists += [p for p in (parent, Path(cfg.out) / data.TRAINING_DATA) if p.is_file()]
+        rows = {tuple(row.values()): row for p in lists for row in data.load_image_list(str(p))}
+        data.save_image_list(list(rows.values()), str(Path(cfg.out) / data.TRAINING_DATA))
     distributed.barrier()  # rank 0's split files are whole before anyone reads them
     for dataset, records in loaded:
         records = data.apply_split(records, data.load_split(str(Path(cfg.out) / f"split-{dataset}.csv")))
@@ -643,21 +691,41 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float, "str": str, "list": float if f.name == "weights" else str}.get(f.type, str)
             group.add_argument(*flags, default=default, type=meta.pop("type", kind), **meta)
     run = groups["run"]
-    run.add_argument("--resume", default=None, help="run directory to continue (its config.json is used; --steps may extend it)")
+    run.add_argument("--resume", default=None, help="run directory to continue (its config.json is used; other flags must "
+                                                    "equal it except --steps, --save-every, --keep, --eval-every, "
+                                                    "--eval-limit, --device, --threads, --merge)")
     run.add_argument("--merge", default=None, help="LoRA: after training, also write the merged transformers checkpoint here")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return ap
 
 
-def config_from_args(args) -> Config:
-    """The run's settings: the flags, or with --resume the saved config.json (--steps may extend it)."""
+# Flags a resumed run may change: they change no computation (how long, how often it saves and
+# evaluates, which device); every other flag must equal the run's config.json.
+RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "eval_every", "eval_limit", "device")
+
+
+def given_flags(argv=None) -> set[str]:
+    """The Config fields (and --resume, --merge, --threads) written on the command line, not defaulted."""
+    parser, unset = build_parser(), object()  # a default no command line can write
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+
+
+def config_from_args(args, given: set[str] = frozenset()) -> Config:
+    """The run's settings: the flags, or with --resume the run's config.json, where the flags in
+    `given` (given_flags) may change only RESUME_MAY_CHANGE. A --out that holds a run is refused
+    without --resume: nothing is resumed by surprise."""
     names = [f.name for f in dataclasses.fields(Config)]
     cfg = Config(**{k: getattr(args, k) for k in names})
     if args.resume:
-        saved = json.loads((Path(args.resume) / "config.json").read_text())
-        default_steps = Config.__dataclass_fields__["steps"].default
-        saved.update(out=args.resume, steps=max(saved["steps"], args.steps if args.steps != default_steps else 0))
-        cfg = Config(**{k: v for k, v in saved.items() if k in names})
+        cfg = resumed_config(args.resume, cfg, given)
+    elif checkpoints(cfg.out) or (Path(cfg.out) / "config.json").is_file():
+        sys.exit(f"error: --out {cfg.out} already holds a run ({', '.join(run_files(cfg.out))}); continue it "
+                 f"with --resume {cfg.out} (--steps N to extend it), or start a new run with another --out")
+    try:
+        check_config(cfg)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     if not cfg.data:
         sys.exit("error: --data NAME=ROOT is required")
     if cfg.fsdp and not cfg.full:
@@ -666,6 +734,37 @@ def config_from_args(args) -> Config:
         sys.exit("error: --eval-every is not offered with --fsdp (rank 0 cannot score alone); run evaluate.py on final/")
     if args.merge and cfg.full:
         sys.exit("error: --merge folds LoRA adapters in; a --full run already writes final/ as a plain checkpoint")
+    return cfg
+
+
+def run_files(run_dir) -> list[str]:
+    """What shows that run_dir holds a run: its config.json and checkpoints."""
+    found = ["config.json"] if (Path(run_dir) / "config.json").is_file() else []
+    return found + [f"checkpoint-{step}/" for step in checkpoints(run_dir)]
+
+
+def resumed_config(run_dir, flagged: Config, given: set[str]) -> Config:
+    """The run's config.json with the given flags of RESUME_MAY_CHANGE applied; any other given flag
+    that differs from it is refused, naming each; --steps below the step reached is refused."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        sys.exit(f"error: --resume {run_dir}: no config.json there, so it is not a run folder grpo.py wrote")
+    names = [f.name for f in dataclasses.fields(Config)]
+    saved = Config(**{k: v for k, v in json.loads(path.read_text()).items() if k in names})
+    if "out" in given and Path(flagged.out) != Path(run_dir):
+        sys.exit(f"error: --resume {run_dir} writes into {run_dir}; leave --out {flagged.out} out")
+    differ = [f"--{k.replace('_', '-')} {getattr(flagged, k)!r} (the run has {getattr(saved, k)!r})"
+              for k in names if k in given and k not in (*RESUME_MAY_CHANGE, "out")
+              and getattr(flagged, k) != getattr(saved, k)]
+    if differ:
+        sys.exit(f"error: --resume {run_dir}: these flags differ from its config.json: {'; '.join(differ)}. "
+                 f"A resumed run continues the same computation; start a new run with another --out instead")
+    cfg = dataclasses.replace(saved, out=str(run_dir), **{k: getattr(flagged, k) for k in RESUME_MAY_CHANGE
+                                                          if k in given})
+    reached = max(checkpoints(run_dir), default=0)
+    if cfg.steps < reached:
+        sys.exit(f"error: --resume {run_dir} --steps {cfg.steps}: the run has reached step {reached} "
+                 f"({run_dir}/checkpoint-{reached}); --steps must be at least that")
     return cfg
 
 
@@ -678,7 +777,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, given_flags(argv))
     device = distributed.init(cfg.fsdp)
     if device is not None:
         cfg.device = device
@@ -694,6 +793,7 @@ def main(argv=None) -> int:
     train(cfg, model, processor, sampler, ref_model=ref, eval_fn=eval_fn)
     if args.merge and rank == 0:
         save_merged(model, processor, args.merge)
+        carry_training_data(cfg.out, args.merge)
         print(f"merged checkpoint written to {args.merge}")
     if distributed.is_distributed():
         distributed.barrier()

@@ -583,6 +583,6 @@ def test_command_line_summary(tmp_path):
 def test_every_command_line_option_has_help():
     parser = data.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
-    assert subparsers.help and set(subparsers.choices) == {"summary"}
+    assert subparsers.help and set(subparsers.choices) == {"summary", "freeze"}
     for name, sub in subparsers.choices.items():
         assert all(a.help for a in sub._actions if a.dest != "help"), name
