@@ -8,7 +8,7 @@ files).
     sampler = data.Sampler({"kadid": records}, batch_size=8)   # next(sampler): one batch
     python data.py summary koniq=/data/koniq10k kadid=/data/kadid10k pyiqa=/data/csiq,meta_info_CSIQDataset.csv
     python data.py summary pyiqa=/data/mine,meta_info_MineDataset.csv,direction=lower
-    python data.py freeze kadid=/data/kadid10k spaq=/data/spaq --out frozen   # test lists, SHA-256 each
+    python data.py freeze kadid=/data/kadid10k spaq=/data/spaq --out frozen   # test lists, hashed
 
 In this order: the Record; annotation files (CSV, .xlsx, .mat; every error names file, row and
 column); the readers of 11 datasets, pyiqa meta-info CSVs and this project's manifest, in one table
@@ -609,7 +609,8 @@ def save_split(records: list[Record], path: str, hashes: list[str] | None = None
     rows = [{"image": r.image, "dataset": r.dataset, "split": r.split} for r in records]
     if hashes is not None:
         rows = [{**row, "sha256": h} for row, h in zip(rows, hashes, strict=True)]
-    save_image_list(rows, path, columns=IMAGE_LIST_COLUMNS if hashes is not None else IMAGE_LIST_COLUMNS[:3])
+    columns = IMAGE_LIST_COLUMNS if hashes is not None else IMAGE_LIST_COLUMNS[:3]
+    save_image_list(rows, path, columns=columns)
 
 
 def load_split(path: str) -> dict[str, str]:
@@ -625,7 +626,7 @@ def apply_split(records: list[Record], split: dict[str, str]) -> list[Record]:
     return [replace(r, split=split[r.image]) for r in records]
 
 
-# ----------------------------------------------------------------------------- image lists and hashes
+# ----------------------------------------------------------------------------- image lists
 # One CSV layout for every list of images this project writes: image, dataset, split, sha256 (of
 # the file's bytes). A run's split-<name>.csv files, the training_data.csv in every model folder
 # grpo.py writes (what the model trained on: split "train"; the held-out rest: "val" / "test") and
@@ -646,7 +647,8 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def sha256_files(paths: list[str], what: str = "images", every: int = HASH_PROGRESS_EVERY) -> list[str]:
+def sha256_files(paths: list[str], what: str = "images",
+                 every: int = HASH_PROGRESS_EVERY) -> list[str]:
     """sha256_file of each path; on a large set (every files or more) a progress line on stderr
     every `every` files."""
     out = []
@@ -658,7 +660,8 @@ def sha256_files(paths: list[str], what: str = "images", every: int = HASH_PROGR
 
 
 def save_image_list(rows: list[dict], path: str, columns=IMAGE_LIST_COLUMNS) -> None:
-    """rows ({column: value}) as a CSV, written to path.tmp and renamed (a crash leaves no half file)."""
+    """rows ({column: value}) as a CSV, written to path.tmp and renamed (a crash leaves no half
+    file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.tmp", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -675,7 +678,8 @@ def load_image_list(path: str) -> list[dict]:
     for r, v, _ in _table(path, wanted):
         row = {c: str(v[c] or "").strip() for c in IMAGE_LIST_COLUMNS}
         if not re.fullmatch(r"[0-9a-f]{64}", row["sha256"]):
-            raise ValueError(f"{path}: row {r}, column 'sha256': {row['sha256']!r} is not a SHA-256 hex digest")
+            raise ValueError(f"{path}: row {r}, column 'sha256': {row['sha256']!r} is not a "
+                             "SHA-256 hex digest")
         rows.append(row)
     return rows
 
@@ -689,27 +693,30 @@ def has_hashes(path: str) -> bool:
 
 
 def image_root(root: str) -> str:
-    """The folder a dataset's image names are relative to: root, or the folder of a CSV given as root."""
+    """The folder a dataset's image names are relative to: root, or the folder of a CSV given as
+    root."""
     return root if os.path.isdir(root) else os.path.dirname(root) or "."
 
 
 def select_test(records: list[Record], seed: int = 0) -> list[Record]:
-    """The test split: the dataset's official one, else split_records' seeded one (reference-disjoint
-    for a synthetic dataset with references), as grpo.py splits a training dataset."""
-    records = records if any(r.split == "test" for r in records) else split_records(records, seed=seed)
+    """The test split: the dataset's official one, else split_records' seeded one
+    (reference-disjoint for a synthetic dataset with references), as grpo.py splits a dataset."""
+    if not any(r.split == "test" for r in records):
+        records = split_records(records, seed=seed)
     return [r for r in records if r.split == "test"]
 
 
 def freeze(name: str, root: str, out_dir: str, seed: int = 0, **opts) -> tuple[str, int]:
-    """Write one dataset's test split with the SHA-256 of each image to OUT_DIR/<dataset>.csv (image
-    relative to the dataset's root); returns (path, images). evaluate.py --data NAME=ROOT,frozen=PATH
-    scores exactly these images and refuses any whose bytes differ."""
+    """Write one dataset's test split with the SHA-256 of each image to OUT_DIR/<dataset>.csv
+    (image relative to the dataset's root); returns (path, images). evaluate.py --data
+    NAME=ROOT,frozen=PATH scores exactly these images and refuses any whose bytes differ."""
     records = select_test(load_dataset(name, root, **opts), seed)
     if not records:
         raise ValueError(f"{name}: no test images under {root}")
     base = image_root(root)
-    rows = [{"image": os.path.relpath(r.image, base).replace(os.sep, "/"), "dataset": r.dataset, "split": r.split,
-             "sha256": h} for r, h in zip(records, sha256_files([r.image for r in records], what=name))]
+    hashes = sha256_files([r.image for r in records], what=name)
+    rows = [{"image": os.path.relpath(r.image, base).replace(os.sep, "/"), "dataset": r.dataset,
+             "split": r.split, "sha256": h} for r, h in zip(records, hashes)]
     path = os.path.join(out_dir, f"{records[0].dataset}.csv")
     save_image_list(rows, path)
     return path, len(rows)
@@ -726,7 +733,8 @@ def frozen_records(records: list[Record], root: str, path: str) -> tuple[list[Re
         if rec is None or not os.path.isfile(rec.image):
             missing.append(row["image"])
         else:
-            kept.append(replace(rec, split=row["split"], extra={**rec.extra, "sha256": row["sha256"]}))
+            expected = {**rec.extra, "sha256": row["sha256"]}
+            kept.append(replace(rec, split=row["split"], extra=expected))
     return kept, missing
 
 
@@ -848,7 +856,7 @@ def summary(name: str, root: str, **opts) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True,
-                                help="summary: check datasets; freeze: write test lists with hashes")
+                                help="summary: check datasets; freeze: write hashed test lists")
     m = sub.add_parser("summary", help="images, splits, MOS range, labels and missing files per dataset")
     m.add_argument("datasets", nargs="+", help=f"NAME=ROOT[,FILE][,KEY=VALUE ...], NAME in {', '.join(READERS)}")
     f = sub.add_parser("freeze", help="each dataset's test split with the SHA-256 of every image, "
@@ -856,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("datasets", nargs="+", help="NAME=ROOT[,FILE][,KEY=VALUE ...], as for summary")
     f.add_argument("--out", required=True, help="folder for the lists, one <dataset>.csv each")
     f.add_argument("--seed", type=int, default=0,
-                   help="seed of the split where a dataset has no official one (grpo.py --seed's split)")
+                   help="seed of the split where a dataset has no official one (grpo.py --seed)")
     return parser
 
 

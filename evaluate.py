@@ -10,6 +10,7 @@ comparison, the command line. report.py draws what these compute.
     python evaluate.py --model tiny --data manifest=runs/synth --split test --limit 20 --out runs/ev  # offline
     python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --suite --data-root /data --out runs/eval_suite
     python evaluate.py --compare runs/a/koniq.jsonl runs/b/koniq.jsonl     # files or folders of *.jsonl
+    python evaluate.py --model runs/m/merged --data kadid=/data/kadid10k,frozen=frozen/kadid.csv ...
 
 A run writes, in --out: run.json (model, adapter, mode, pixel cap: a rerun with other settings is
 refused), <name>.jsonl per --data entry (one JSON line per image: dataset, image, mos, labels, the
@@ -26,6 +27,15 @@ data.py for the files each must hold): koniq10k (official test split, needs
 koniq10k_distributions_sets.csv), spaq (all), livec (all, t1-t7 dropped), bid (all), kadid10k
 (reference-disjoint test split of data.split_records, seed --seed), csiq (all), tid2013 (all),
 agiqa3k (all).
+
+No test image trained on (docs/METHOD.md, "The protocol"): the model (and adapter) folder's
+training_data.csv, written by grpo.py, lists what it trained on by SHA-256. A dataset it trained on
+is scored on the run's own held-out test split from that list ("in-domain test split"), whatever
+the suite or --split would select; any other image whose bytes match a trained one is left out and
+counted ("cross-dataset" datasets). results.md shows the two groups apart. --allow-trained scores
+trained images, marked; a model without the list is scored as given ("training images unknown").
+--data NAME=ROOT,frozen=FILE (a data.py freeze list), or a manifest with a sha256 column, scores
+only files whose bytes match, and names every missing or changed one instead of scoring.
 
 Departures (PLCC after the fit, NaN predictions, the average row, compare): docs/METHOD.md, section 7,
 departure 10.
@@ -314,7 +324,7 @@ def summarize(rows, records) -> dict:
 
 
 def average_of(datasets: dict) -> dict:
-    """Per attribute, the plain mean over the datasets that label it of srcc, krcc, plcc, plcc_raw."""
+    """Per attribute: srcc, krcc, plcc, plcc_raw, the plain mean over the datasets labelling it."""
     average = {}
     for a in ATTRIBUTES:
         having = [d["metrics"][a] for d in datasets.values() if a in d["metrics"]]
@@ -331,16 +341,15 @@ def _cell(value) -> str:
 def markdown_table(summary: dict) -> str:
     """The results table; when the model's training images are known, two tables, each with its
     average: the in-domain test splits (datasets it trained on) and the cross-dataset ones."""
-    roles = [role for role in (IN_DOMAIN, CROSS) if any(d.get("role") == role for d in summary["datasets"].values())]
-    if not roles:
-        return results_table(summary)
+    headings = {IN_DOMAIN: "datasets the model trained on: the run's own held-out test images",
+                CROSS: "datasets the model never trained on"}
     blocks = []
-    for role in roles:
+    for role, heading in headings.items():
         datasets = {n: d for n, d in summary["datasets"].items() if d.get("role") == role}
-        heading = "datasets the model trained on: the run's own held-out test images" if role == IN_DOMAIN \
-            else "datasets the model never trained on"
-        blocks.append(f"{role} ({heading})\n\n" + results_table({"datasets": datasets, "average": average_of(datasets)}))
-    return "\n".join(blocks)
+        if datasets:
+            table = results_table({"datasets": datasets, "average": average_of(datasets)})
+            blocks.append(f"{role} ({heading})\n\n{table}")
+    return "\n".join(blocks) if blocks else results_table(summary)
 
 
 def results_table(summary: dict) -> str:
@@ -448,15 +457,19 @@ def parse_args(argv=None):
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=[], metavar="NAME=ROOT[,FILE][,KEY=VALUE]",
                    help=f"datasets: {', '.join(data.READERS)}; e.g. pyiqa=/data/csiq,meta_info_CSIQDataset.csv "
-                        "or pyiqa=/data/x,meta.csv,direction=lower (data.py lists the options)")
+                        "or pyiqa=/data/x,meta.csv,direction=lower (data.py lists the options); "
+                        "frozen=FILE: only the images of a data.py freeze list, hashes checked")
     g.add_argument("--suite", action="store_true", help="the eight benchmarks of docs/METHOD.md under --data-root")
     g.add_argument("--data-root", default=None, help="folder holding the suite's dataset folders")
-    g.add_argument("--split", default=None, help="train / val / test of each --data (the suite fixes its own)")
+    g.add_argument("--split", default=None,
+                   help="train / val / test of each --data (the suite fixes its own; a dataset the "
+                        "model trained on: its run's test split)")
     g.add_argument("--seed", type=int, default=0, help="seed of data.split_records where a dataset has no split")
     g.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset")
     g.add_argument("--allow-trained", action="store_true",
-                   help="score images the model trained on too (by SHA-256, from the training_data.csv its folder "
-                        "carries), each dataset as --split / the suite selects it; marked in the summary and report")
+                   help="score images the model trained on too (by SHA-256, from the "
+                        "training_data.csv its folder carries), each dataset as --split / the "
+                        "suite selects it; marked in the summary and the report")
     g = parser.add_argument_group("output and comparison")
     g.add_argument("--out", default=None, help="output folder (required for a run; resumes when it holds results)")
     g.add_argument("--report", action="store_true",
@@ -488,7 +501,7 @@ def load_sets(parser, args) -> list[tuple[str, list, list]]:
                 sys.exit(f"error: {frozen}: {len(missing)} listed images are missing under {root}: "
                          + ", ".join(missing) + "; nothing was scored")
             records = selected
-        elif any("sha256" in r.extra for r in records):  # a manifest with hashes: every file must be there
+        elif any("sha256" in r.extra for r in records):  # a manifest with hashes: all files needed
             try:
                 data.load_dataset(name, root, strict=True, **opts)
             except FileNotFoundError as err:
@@ -496,19 +509,21 @@ def load_sets(parser, args) -> list[tuple[str, list, list]]:
             selected = records
         else:
             selected = select_split(records, args.split, args.seed)
-        sets.append((records[0].dataset if name == "pyiqa" and records else name, records, selected))
+        stem = records[0].dataset if name == "pyiqa" and records else name
+        sets.append((stem, records, selected))
     if args.suite:
         for name, folder, how in SUITE:
             records = data.load_dataset(name, os.path.join(args.data_root, folder))
             split = None if how is None else "test"
-            sets.append((name, records, select_split(records, split, args.seed, official=how == "official")))
+            selected = select_split(records, split, args.seed, official=how == "official")
+            sets.append((name, records, selected))
     for stem, _, records in sets:
         if not records or [s for s, _, _ in sets].count(stem) > 1:
             parser.error(f"{stem}: named twice, or no images to evaluate (split {args.split!r})")
     return sets
 
 
-# ----------------------------------------------------------------------------- no test image trained on
+# ----------------------------------------------------------------------------- no trained image
 # A model folder grpo.py writes carries data.TRAINING_DATA: every image of each dataset it trained
 # on, with its split (train: trained on; val / test: held out) and the SHA-256 of its bytes. For a
 # dataset the model trained on (half or more of its images are in that list, by bytes), evaluation
@@ -520,9 +535,10 @@ IN_DOMAIN, CROSS, UNKNOWN = "in-domain test split", "cross-dataset", "training i
 
 
 def training_lists(model: str, adapter: str | None) -> tuple[list[dict] | None, list[str]]:
-    """(rows of every data.TRAINING_DATA in the adapter and model folders, the files read); rows None
-    when neither carries one (a hub checkpoint, a model trained elsewhere)."""
-    files = [os.path.join(f, data.TRAINING_DATA) for f in (adapter, model) if f and os.path.isdir(f)]
+    """(rows of every data.TRAINING_DATA in the adapter and model folders, the files read); rows
+    None when neither carries one (a hub checkpoint, a model trained elsewhere)."""
+    folders = [f for f in (adapter, model) if f and os.path.isdir(f)]
+    files = [os.path.join(f, data.TRAINING_DATA) for f in folders]
     files = [f for f in files if os.path.isfile(f)]
     if not files:
         return None, []
@@ -530,12 +546,13 @@ def training_lists(model: str, adapter: str | None) -> tuple[list[dict] | None, 
 
 
 def check_hashes(stem: str, records, hash_of: dict) -> list[str]:
-    """One line per record whose file's SHA-256 differs from the one it carries (extra["sha256"])."""
-    return [f"{stem}: {r.image}: changed (SHA-256 {hash_of[r.image][:12]}..., expected {r.extra['sha256'][:12]}...)"
+    """One line per record whose file's SHA-256 differs from the one it carries, extra["sha256"]."""
+    return [f"{stem}: {r.image}: changed (SHA-256 {hash_of[r.image][:12]}..., "
+            f"expected {r.extra['sha256'][:12]}...)"
             for r in records if "sha256" in r.extra and hash_of[r.image] != r.extra["sha256"]]
 
 
-def held_out(stem: str, records, selected, listed, hash_of: dict, allow_trained: bool) -> tuple[list, dict]:
+def held_out(records, selected, listed, hash_of: dict, allow_trained: bool) -> tuple[list, dict]:
     """(records to score, what was done) for one dataset under the model's training list (listed,
     None when unknown): its role, and how many images were left out as trained on or outside the
     run's test split (or, with allow_trained, how many trained ones are scored)."""
@@ -549,17 +566,20 @@ def held_out(stem: str, records, selected, listed, hash_of: dict, allow_trained:
     if allow_trained:
         info["trained_scored"] = sum(hash_of[r.image] in trained for r in selected)
         return selected, info
-    pool = records if in_domain else selected  # in-domain: the run's own split, never --split or --seed's
-    keep = [r for r in pool if hash_of[r.image] not in trained and (not in_domain or hash_of[r.image] in tested)]
+    pool = records if in_domain else selected  # in-domain: the run's split, not --split / --seed's
+    if in_domain:
+        keep = [r for r in pool if hash_of[r.image] in tested]
+    else:
+        keep = [r for r in pool if hash_of[r.image] not in trained]
     info["trained_left_out"] = sum(hash_of[r.image] in trained for r in pool)
     if in_domain:
         info["outside_test_split"] = len(pool) - len(keep) - info["trained_left_out"]
     return keep, info
 
 
-def protocol_line(stem: str, n: int, info: dict) -> str:
-    """What was scored of one dataset and why, for the console and the summary."""
-    line = f"{stem}: {info['role']}, {n:,} images scored"
+def protocol_line(name: str, n: int, info: dict) -> str:
+    """What was scored of one dataset and why, for the console."""
+    line = f"{name}: {info['role']}, {n:,} images scored"
     if "trained_left_out" in info:
         line += f"; {info['trained_left_out']:,} trained-on images left out"
     if info.get("outside_test_split"):
@@ -570,20 +590,20 @@ def protocol_line(stem: str, n: int, info: dict) -> str:
 
 
 def select_protocol(sets, args) -> tuple[list[tuple[str, list]], dict, str]:
-    """(file stem, records to score) per set under the scored model's training list (held_out), after
-    every expected hash is checked (exit naming each changed file; nothing scored), then --limit;
-    what was done per dataset (held_out's dict); where the training list came from."""
+    """(file stem, records to score) per set under the scored model's training list (held_out),
+    after every expected hash is checked (exit naming each changed file; nothing scored), then
+    --limit; what was done per dataset (held_out's dict); where the training list came from."""
     listed, files = training_lists(args.model, args.adapter)
     need = list(dict.fromkeys(r.image for _, records, _ in sets for r in records
                               if listed is not None or "sha256" in r.extra))
     hash_of = dict(zip(need, data.sha256_files(need, what="evaluation images")))
     changed = [line for stem, records, _ in sets for line in check_hashes(stem, records, hash_of)]
     if changed:
-        sys.exit(f"error: {len(changed)} images differ from their recorded SHA-256; nothing was scored:\n"
-                 + "\n".join(changed))
+        sys.exit(f"error: {len(changed)} images differ from their recorded SHA-256; "
+                 "nothing was scored:\n" + "\n".join(changed))
     out, protocol = [], {}
     for stem, records, selected in sets:
-        keep, info = held_out(stem, records, selected, listed, hash_of, args.allow_trained)
+        keep, info = held_out(records, selected, listed, hash_of, args.allow_trained)
         keep = keep[:args.limit] if args.limit is not None else keep
         if not keep:
             sys.exit(f"error: {protocol_line(stem, 0, info)}: nothing left to evaluate")
@@ -596,20 +616,26 @@ def roles_line(summary: dict) -> str:
     """Which datasets are in-domain test splits and which cross-dataset, or that nobody knows."""
     if summary["training_images"] == UNKNOWN:
         return f"{UNKNOWN} (the model carries no {data.TRAINING_DATA})"
-    names = {role: [n for n, d in summary["datasets"].items() if d.get("role") == role] for role in (IN_DOMAIN, CROSS)}
-    return " · ".join(f"{role}: {', '.join(found)}" for role, found in names.items() if found)
+    parts = []
+    for role in (IN_DOMAIN, CROSS):
+        names = [n for n, d in summary["datasets"].items() if d.get("role") == role]
+        parts += [f"{role}: {', '.join(names)}"] if names else []
+    return " · ".join(parts)
 
 
 def protocol_summary(summary: dict) -> str:
     """Console lines: where the training list came from, and per dataset what was scored."""
     lines = [f"training images: {summary['training_images']}"]
-    lines += [protocol_line(name, d["n"], d) for name, d in summary["datasets"].items() if "role" in d]
-    left = sum(d.get("trained_left_out", 0) for d in summary["datasets"].values())
+    datasets = summary["datasets"]
+    lines += [protocol_line(name, d["n"], d) for name, d in datasets.items() if "role" in d]
     if summary["training_images"] != UNKNOWN:
-        lines.append(f"{left:,} images the model trained on were left out"
-                     + (" (--allow-trained scores them)" if left else "")
-                     + (f"; {summary['trained_scored']:,} TRAINED-ON IMAGES WERE SCORED (--allow-trained)"
-                        if summary["trained_scored"] else ""))
+        left = sum(d.get("trained_left_out", 0) for d in datasets.values())
+        line = f"{left:,} images the model trained on were left out"
+        line += " (--allow-trained scores them)" if left else ""
+        if summary["trained_scored"]:
+            line += f"; {summary['trained_scored']:,} TRAINED-ON IMAGES WERE SCORED"
+            line += " (--allow-trained)"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -653,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, info in protocol.items():
         summary["datasets"][name] |= info
     summary["training_images"] = source
-    summary["trained_scored"] = sum(d.get("trained_scored", 0) for d in summary["datasets"].values())
+    summary["trained_scored"] = sum(d.get("trained_scored", 0) for d in protocol.values())
     report.write_json(os.path.join(args.out, "summary.json"), summary)
     table = markdown_table(summary)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -9,9 +9,13 @@
     python synth.py runs/synth --n 200 && python grpo.py --model tiny-qwen2.5-vl --data manifest=runs/synth \
         -B 2 -K 2 --max-new-tokens 16 --steps 4 --out runs/try          # CPU, ~15 s, the real tokenizer
 
-A run writes in --out: config.json, split-<name>.csv per dataset, log.jsonl (one line a step),
-checkpoint-STEP/ (the last --keep), and final/: the LoRA adapter in PEFT's layout, or with --full a
-plain transformers checkpoint (fp32 master weights). --merge DIR also writes LoRA folded into the base.
+A run writes in --out: config.json, split-<name>.csv per dataset (its split and each image's
+SHA-256), log.jsonl (one line a step), checkpoint-STEP/ (the last --keep), and final/: the LoRA
+adapter in PEFT's layout, or with --full a plain transformers checkpoint (fp32 master weights).
+--merge DIR also writes LoRA folded into the base. Every model folder carries training_data.csv
+(data.TRAINING_DATA), what it trained on, which evaluate.py reads to score no training image. A
+--out that holds a run is refused without --resume; --resume refuses flags that differ from the
+run's config.json.
 
 Where this departs from VisualQuality-R1 (LoRA by default, the shared prefix, the options that are off
 by default, fp32 trainable state): docs/METHOD.md, section 7, numbered.
@@ -63,7 +67,7 @@ class Config:
     fsdp: bool = option(False, "model", "with --full under torchrun: shard weights, gradients and AdamW states (FSDP2)")
     lora_rank: int = option(64, "model", "LoRA rank r")
     lora_alpha: float = option(128.0, "model", "LoRA alpha; the adapter's scale is alpha / r")
-    lora_dropout: float = option(0.0, "model", "LoRA dropout (rho = 1 on the first update whatever it is)")
+    lora_dropout: float = option(0.0, "model", "LoRA dropout (rho = 1 on the first update anyway)")
     lora_vision: bool = option(False, "model", "also put adapters on the vision tower (else it stays frozen)")
     dtype: str = option("auto", "model", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32; "
                                          "trainable state is fp32 always")
@@ -80,7 +84,7 @@ class Config:
     # rollouts
     num_generations: int = option(6, "rollouts", "K rollouts per image (VisualQuality-R1: 6)", short="-K")
     temperature: float = option(1.0, "rollouts", "sampling temperature")
-    top_p: float = option(1.0, "rollouts", "nucleus sampling; training refuses < 1 (check_config says why)")
+    top_p: float = option(1.0, "rollouts", "nucleus sampling: refused below 1 (check_config)")
     max_new_tokens: int = option(256, "rollouts", "longest completion (VisualQuality-R1: 256)")
     thinking: bool = option(True, "rollouts", "reason in <think> before the answer (--no-thinking: answer only)")
     shared_prefix: bool = option(True, "rollouts", "vision tower and prompt once per image, not K times "
@@ -127,10 +131,10 @@ class Config:
 def check_config(cfg: Config) -> None:
     """Settings no run may use, refused before any work with the reason (ValueError)."""
     if cfg.top_p < 1:
-        # the ratio and the KL use token_logprobs' full distribution, not the truncated one that sampled
-        raise ValueError(f"--top-p {cfg.top_p}: training samples from the full distribution (--top-p 1) only; "
-                         "nucleus sampling would draw from a truncated distribution while the ratio and the KL "
-                         "use the full one")
+        # the ratio and the KL use token_logprobs' full distribution, not the truncated one
+        raise ValueError(f"--top-p {cfg.top_p}: training samples from the full distribution "
+                         "(--top-p 1) only; nucleus sampling would draw from a truncated "
+                         "distribution while the ratio and the KL use the full one")
 
 
 def lr_lambda(cfg: Config):
@@ -262,7 +266,7 @@ def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens:
             for key, value in (("loss", loss), ("entropy", bonus), ("kl", (kl * mask[rows]).sum() / n_tokens.clamp(min=1)),
                                ("clip", (clipped.float() * mask[rows]).sum() / n_tokens.clamp(min=1))):
                 stats[key] += float(value.detach() if torch.is_tensor(value) else value) / cfg.num_iterations  # per update
-        if aux_loss is not None:  # the demo's probe loss on distortion-family labels (one process only: train)
+        if aux_loss is not None:  # the demo's probe on distortion-family labels (one process)
             aux = aux_loss(model)
             aux.backward()
             stats["aux"] = aux.item()
@@ -347,7 +351,8 @@ def format_line(i: int, s: dict) -> str:
     return (f"step {i:5d} | reward {s['reward']:.3f} ({attrs}) | format {s['format']:.2f} | srcc {srcc} | "
             f"kl {s['kl']:.4f} clip {s['clip']:.3f} | len {s['length']:.1f} | "
             f"gen {s['gen_s']:.2f}s reward {s['reward_s']:.2f}s update {s['update_s']:.2f}s"
-            + (f" | elapsed {duration(s['elapsed_s'])} eta {duration(s['eta_s'])}" if "eta_s" in s else ""))
+            + (f" | elapsed {duration(s['elapsed_s'])} eta {duration(s['eta_s'])}"
+               if "eta_s" in s else ""))
 
 
 def duration(seconds: float) -> str:
@@ -363,13 +368,14 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
     """Resume from the newest checkpoint in cfg.out if there is one, then step until cfg.steps,
     checkpointing every cfg.save_every steps; at the end final/ (export). prompts_of(records) ->
     rollouts.Prompts (default: the records' image files through the processor); eval_fn(model, step)
-    -> dict runs on rank 0 while the others wait; reward_fn defaults to reward.mg_reward. aux_loss(model)
-    -> scalar is added to each update's gradient (the demo's probe; one process only: its backward
-    would run outside DDP's synchronised one). Returns the logged figures of each step."""
+    -> dict runs on rank 0 while the others wait; reward_fn defaults to reward.mg_reward.
+    aux_loss(model) -> scalar is added to each update's gradient (the demo's probe; one process
+    only: its backward would run outside DDP's synchronised one). Returns the logged figures of
+    each step."""
     check_config(cfg)
     if aux_loss is not None and distributed.is_distributed():
-        raise ValueError("aux_loss under torchrun: its gradients would not be all-reduced across ranks "
-                         "(it runs outside the synchronised backward); train it in one process")
+        raise ValueError("aux_loss under torchrun: its gradients would not be all-reduced across "
+                         "ranks (it runs outside the synchronised backward); train in one process")
     run_dir, rank = Path(cfg.out), distributed.rank()
     device = next(model.parameters()).device
     policy = distributed.wrap(model, cfg.fsdp, compute_dtype(cfg, device), cfg.shared_prefix)
@@ -383,7 +389,7 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
         if rank == 0:
             log(f"resumed from {latest} at step {i}")
     if rank == 0:
-        _truncate_log(run_dir / "log.jsonl", i)  # lines past the checkpoint (all of them without one)
+        _truncate_log(run_dir / "log.jsonl", i)  # lines past the checkpoint (all, without one)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     text = mgiqa.prompt_text(processor, cfg.thinking)
@@ -397,8 +403,9 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
         scheduler.step()
         i += 1
         elapsed = time.perf_counter() - start
-        stats.update(step=i, dataset=batch["dataset"], lr=scheduler.get_last_lr()[0], elapsed_s=elapsed,
-                     eta_s=elapsed / (i - first) * (cfg.steps - i))  # this session's mean step time
+        eta = elapsed / (i - first) * (cfg.steps - i)  # at this session's mean step time
+        stats.update(step=i, dataset=batch["dataset"], lr=scheduler.get_last_lr()[0],
+                     elapsed_s=elapsed, eta_s=eta)
         if eval_fn is not None and cfg.eval_every and (i % cfg.eval_every == 0 or i == cfg.steps):
             if rank == 0:
                 with torch.no_grad(), precision(cfg, model):
@@ -565,8 +572,8 @@ def export(policy, processor, out, cfg: Config) -> Path:
 
 
 def carry_training_data(run_dir, *folders) -> None:
-    """Copy the run's list of its images (data.TRAINING_DATA: what it trained on, by SHA-256, and the
-    held-out rest) into model folders, so evaluate.py can leave trained images out; none, no copy."""
+    """Copy the run's list of its images (data.TRAINING_DATA: what it trained on, by SHA-256, and
+    the held-out rest) into model folders, so evaluate.py can leave trained images out."""
     source = Path(run_dir) / data.TRAINING_DATA
     if source.is_file():
         for folder in folders:
@@ -614,11 +621,11 @@ def build_model(cfg: Config):
 
 
 def load_data(cfg: Config, rank: int = 0):
-    """Training and held-out records from --data, one training set per dataset the records name; each
-    dataset's split, with the SHA-256 of every image (hashed once, kept for a resume), is written to
-    the run dir as split-<dataset>.csv (atomically, by rank 0) and read back by every rank. Rank 0
-    also writes the run's data.TRAINING_DATA: those lists, plus the list of a --model that was itself
-    trained here (its images stay trained-on), which every model folder of the run carries."""
+    """Training and held-out records from --data, one training set per dataset the records name;
+    each dataset's split, with the SHA-256 of every image (hashed once, kept for a resume), is
+    written to the run dir as split-<dataset>.csv (atomically, by rank 0) and read back by every
+    rank. Rank 0 also writes the run's data.TRAINING_DATA: those lists, plus the list of a --model
+    that was itself trained here (its images stay trained-on); every model folder carries it."""
     train_sets, heldout = {}, []
     loaded = []
     for spec in cfg.data:
@@ -691,9 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float, "str": str, "list": float if f.name == "weights" else str}.get(f.type, str)
             group.add_argument(*flags, default=default, type=meta.pop("type", kind), **meta)
     run = groups["run"]
-    run.add_argument("--resume", default=None, help="run directory to continue (its config.json is used; other flags must "
-                                                    "equal it except --steps, --save-every, --keep, --eval-every, "
-                                                    "--eval-limit, --device, --threads, --merge)")
+    run.add_argument("--resume", default=None,
+                     help="run directory to continue (its config.json is used; other flags must "
+                          "equal it except --steps, --save-every, --keep, --eval-every, "
+                          "--eval-limit, --device, --threads, --merge)")
     run.add_argument("--merge", default=None, help="LoRA: after training, also write the merged transformers checkpoint here")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return ap
@@ -705,7 +713,7 @@ RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "eval_every", "eval_limit", 
 
 
 def given_flags(argv=None) -> set[str]:
-    """The Config fields (and --resume, --merge, --threads) written on the command line, not defaulted."""
+    """The Config fields (and --resume, --merge, --threads) the command line sets, not defaulted."""
     parser, unset = build_parser(), object()  # a default no command line can write
     parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
     return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
@@ -720,8 +728,9 @@ def config_from_args(args, given: set[str] = frozenset()) -> Config:
     if args.resume:
         cfg = resumed_config(args.resume, cfg, given)
     elif checkpoints(cfg.out) or (Path(cfg.out) / "config.json").is_file():
-        sys.exit(f"error: --out {cfg.out} already holds a run ({', '.join(run_files(cfg.out))}); continue it "
-                 f"with --resume {cfg.out} (--steps N to extend it), or start a new run with another --out")
+        sys.exit(f"error: --out {cfg.out} already holds a run ({', '.join(run_files(cfg.out))}); "
+                 f"continue it with --resume {cfg.out} (--steps N to extend it), or start a new "
+                 "run with another --out")
     try:
         check_config(cfg)
     except ValueError as err:
@@ -748,7 +757,7 @@ def resumed_config(run_dir, flagged: Config, given: set[str]) -> Config:
     that differs from it is refused, naming each; --steps below the step reached is refused."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        sys.exit(f"error: --resume {run_dir}: no config.json there, so it is not a run folder grpo.py wrote")
+        sys.exit(f"error: --resume {run_dir}: no config.json there, not a run folder of grpo.py")
     names = [f.name for f in dataclasses.fields(Config)]
     saved = Config(**{k: v for k, v in json.loads(path.read_text()).items() if k in names})
     if "out" in given and Path(flagged.out) != Path(run_dir):
@@ -757,13 +766,14 @@ def resumed_config(run_dir, flagged: Config, given: set[str]) -> Config:
               for k in names if k in given and k not in (*RESUME_MAY_CHANGE, "out")
               and getattr(flagged, k) != getattr(saved, k)]
     if differ:
-        sys.exit(f"error: --resume {run_dir}: these flags differ from its config.json: {'; '.join(differ)}. "
-                 f"A resumed run continues the same computation; start a new run with another --out instead")
-    cfg = dataclasses.replace(saved, out=str(run_dir), **{k: getattr(flagged, k) for k in RESUME_MAY_CHANGE
-                                                          if k in given})
+        sys.exit(f"error: --resume {run_dir}: these flags differ from its config.json: "
+                 f"{'; '.join(differ)}. A resumed run continues the same computation; start a new "
+                 "run with another --out instead")
+    changed = {k: getattr(flagged, k) for k in RESUME_MAY_CHANGE if k in given}
+    cfg = dataclasses.replace(saved, out=str(run_dir), **changed)
     reached = max(checkpoints(run_dir), default=0)
     if cfg.steps < reached:
-        sys.exit(f"error: --resume {run_dir} --steps {cfg.steps}: the run has reached step {reached} "
+        sys.exit(f"error: --resume {run_dir} --steps {cfg.steps}: the run reached step {reached} "
                  f"({run_dir}/checkpoint-{reached}); --steps must be at least that")
     return cfg
 

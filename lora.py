@@ -4,9 +4,10 @@ off, and the adapter saved in PEFT's file layout so that `peft`, `mgiqa.py --ada
 `evaluate.py --adapter` all read it.
 
 A new adapter is a no-op (B = 0). Defaults as the README's GPU recipe: rank 64, alpha 128, dropout 0
-(so with one update per batch rho = 1 exactly). VisualQuality-R1 fine-tunes every weight instead
-(`grpo.py --full`). A and B are stored fp32 whatever the base dtype (as PEFT): a bf16 adapter at lr 1e-5
-loses most of its updates to rounding. The forward runs the adapter's matmuls in the compute dtype
+(rho = 1 on the first update whatever the dropout: grpo_step takes the old log-probs as
+logp.detach()). VisualQuality-R1 fine-tunes every weight instead (`grpo.py --full`). A and B are
+stored fp32 whatever the base dtype (as PEFT): a bf16 adapter at lr 1e-5 loses most of its updates
+to rounding. The forward runs the adapter's matmuls in the compute dtype
 (bf16 on a GPU: fp32 activations would cost ~13 GB more for 7B and ~35% of matmul time), and the
 gradients reach the fp32 weights through the cast; merging adds the delta in fp32 and casts once.
 """

@@ -67,8 +67,9 @@ def build_prompt(thinking: bool = True) -> str:
 
 def build_messages(thinking: bool = True) -> list[dict]:
     """Chat messages with one image slot, in the Qwen-VL content layout."""
-    # The instruction before the image: every prompt then starts with the same tokens, which a
-    # trainer computes once per batch instead of once per image (rollouts.prefill).
+    # The instruction before the image (departure 3): every prompt then starts with the same tokens.
+    # No path here computes them once for several images (rollouts.sample_shared shares one image's
+    # prompt across its K completions); a serving engine's prefix cache can.
     return [{"role": "user", "content": [{"type": "text", "text": build_prompt(thinking)}, {"type": "image"}]}]
 
 
