@@ -217,61 +217,89 @@ class Tokens:
                    mgiqa.template_opening(processor, cfg.thinking))
 
 
-def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens: Tokens, *, ref=None, aux_loss=None,
-              reward_fn=reward.mg_reward) -> dict:
-    """One GRPO step on one domain-pure batch of B images; the numbers follow docs/METHOD.md, section 3."""
-    model, K, B, clock = distributed.unwrap(policy), cfg.num_generations, prompts.input_ids.shape[0], Phases()
+def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens: Tokens, *,
+              ref=None, aux_loss=None, reward_fn=reward.mg_reward) -> dict:
+    """One GRPO step on one domain-pure batch of B images; the numbers follow docs/METHOD.md,
+    section 3."""
+    model, K, B = distributed.unwrap(policy), cfg.num_generations, prompts.input_ids.shape[0]
+    clock = Phases()
     # (1) sample K completions per image (rows image-major), weights gathered once under FSDP2
     model.eval()
     with torch.no_grad(), distributed.gathered(policy), precision(cfg, model):
-        ids = distributed.policy_of(policy).sample(prompts, K=K, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
-                                                   pad_id=tokens.pad, banned=tokens.banned, temperature=cfg.temperature,
-                                                   top_p=cfg.top_p, force_length=cfg.force_length)          # (B*K, T)
+        sampler = distributed.policy_of(policy)
+        ids = sampler.sample(prompts, K=K, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
+                             pad_id=tokens.pad, banned=tokens.banned, temperature=cfg.temperature,
+                             top_p=cfg.top_p, force_length=cfg.force_length)  # (B*K, T)
     mask = rollouts.completion_mask(ids, tokens.eos)
     completions = mgiqa.decode_completions(processor, ids, tokens.eos, tokens.opening)
     clock.end("sampling")
     # (2) parse and reward: R = w_format F + sum_a w_a r_a, one fidelity reward per attribute
-    rewards = reward_fn(completions, batch["P"], batch["M"], weights=cfg.weights, w_format=cfg.w_format,
-                        thinking=cfg.thinking, gamma=cfg.gamma, ignore_ties=cfg.ignore_ties)
-    # (3) advantages, per token: the completion's, or each score token its own attribute's (--credit attribute)
-    marked = cfg.credit == "attribute" or cfg.entropy_coef > 0
-    attr = reward.score_token_attributes(processor.tokenizer, ids, mask) if marked else torch.full_like(ids, -1)
+    rewards = reward_fn(completions, batch["P"], batch["M"], weights=cfg.weights,
+                        w_format=cfg.w_format, thinking=cfg.thinking, gamma=cfg.gamma,
+                        ignore_ties=cfg.ignore_ties)
+    # (3) advantages per token: the completion's, or (--credit attribute) each score token its
+    # attribute's, scaled by that attribute's weight
+    need_score_positions = cfg.credit == "attribute" or cfg.entropy_coef > 0
+    if need_score_positions:  # which attribute each score token belongs to (-1: none)
+        attr = reward.score_token_attributes(processor.tokenizer, ids, mask)
+    else:
+        attr = torch.full_like(ids, -1)
     adv = reward.token_advantages(rewards, attr, credit=cfg.credit, weights=cfg.weights)  # (B*K, T)
     clock.end("reward")
     # (4) log-probs of the reference (beta k3) and, for later iterations, of the policy that sampled
     model.train()
     micro = cfg.micro_batch or B  # images per forward; an image's K rows stay together
-    groups = [list(range(s * K, min(B, s + micro) * K)) for s in range(0, B, micro)]
-    logprobs = lambda engine, rows, entropy=None: engine(  # noqa: E731  (rows[::K]: each image's first row)
-        rollouts.select(prompts, [r // K for r in rows[::K]]), ids[rows], mask[rows], K=K, temperature=cfg.temperature,
-        banned=tokens.banned, entropy_ids=entropy)
+    micro_batches = [list(range(s * K, min(B, s + micro) * K)) for s in range(0, B, micro)]
+
+    def logprobs(engine, rows, entropy_ids=None):
+        """Per-token log-probs (and entropies over entropy_ids) of completions `rows` under engine,
+        each image's prompt taken once (rows[::K]: its first row)."""
+        images = [r // K for r in rows[::K]]
+        return engine(rollouts.select(prompts, images), ids[rows], mask[rows], K=K,
+                      temperature=cfg.temperature, banned=tokens.banned, entropy_ids=entropy_ids)
+
     with torch.no_grad(), precision(cfg, model):
-        ref_lp = reference_logprobs(cfg, policy, ref, groups, logprobs)
-        old_lp = torch.cat([logprobs(distributed.for_inference(policy), g)[0] for g in groups]) if cfg.num_iterations > 1 else None
+        ref_lp = reference_logprobs(cfg, policy, ref, micro_batches, logprobs)
+        old_lp = None
+        if cfg.num_iterations > 1:  # the policy that sampled, for the ratio of later updates
+            sampled_by = distributed.for_inference(policy)
+            old_lp = torch.cat([logprobs(sampled_by, rows)[0] for rows in micro_batches])
     clock.end("reference")
-    # (5) clipped surrogate + beta k3, aggregated; backward per micro-batch; clip the gradient; AdamW
+    # (5) clipped surrogate + beta k3, aggregated; backward per micro-batch; gradient clip; AdamW
     n_tokens, score_tokens = mask.sum(), (attr >= 0).float()
-    stats = dict.fromkeys(("loss", "kl", "clip", "entropy", "grad_norm"), 0.0)
+    stats = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for g, rows in enumerate(groups):
-            with distributed.no_sync(policy, last=g == len(groups) - 1), precision(cfg, model):
+        for m, rows in enumerate(micro_batches):
+            last = m == len(micro_batches) - 1  # DDP all-reduces in the last backward only
+            with distributed.no_sync(policy, last=last), precision(cfg, model):
                 logp, ent = logprobs(policy, rows, tokens.entropy)
+                # on-policy (first update): rho = exp(logp - logp.detach()) = 1, gradient of logp
                 old = logp.detach() if old_lp is None else old_lp[rows]
-                per_token, clipped = clipped_surrogate(logp, old, adv[rows], cfg.epsilon, cfg.epsilon_high)
-                kl = k3_kl(logp, ref_lp[rows]) if ref_lp is not None else torch.zeros_like(logp)
-                loss = aggregate(per_token + cfg.beta * kl, mask[rows], cfg.loss_type, cfg.max_new_tokens, B * K, n_tokens)
-                bonus = (ent * score_tokens[rows]).sum() / score_tokens.sum().clamp(min=1) if ent is not None else 0.0
+                per_token, clipped = clipped_surrogate(logp, old, adv[rows], cfg.epsilon,
+                                                       cfg.epsilon_high)
+                kl = torch.zeros_like(logp) if ref_lp is None else k3_kl(logp, ref_lp[rows])
+                loss = aggregate(per_token + cfg.beta * kl, mask[rows], mode=cfg.loss_type,
+                                 max_len=cfg.max_new_tokens, rows=B * K, tokens=n_tokens)
+                bonus = torch.zeros((), device=logp.device)
+                if ent is not None:  # mean entropy over the whole batch's score tokens
+                    bonus = (ent * score_tokens[rows]).sum() / score_tokens.sum().clamp(min=1)
                 (loss - cfg.entropy_coef * bonus).backward()
-            for key, value in (("loss", loss), ("entropy", bonus), ("kl", (kl * mask[rows]).sum() / n_tokens.clamp(min=1)),
-                               ("clip", (clipped.float() * mask[rows]).sum() / n_tokens.clamp(min=1))):
-                stats[key] += float(value.detach() if torch.is_tensor(value) else value) / cfg.num_iterations  # per update
+            masked_tokens = n_tokens.clamp(min=1)
+            stats["loss"] += float(loss.detach()) / cfg.num_iterations  # a mean per update
+            stats["entropy"] += float(bonus.detach()) / cfg.num_iterations
+            kl_mean = (kl.detach() * mask[rows]).sum() / masked_tokens
+            stats["kl"] += float(kl_mean) / cfg.num_iterations
+            clip_share = (clipped.float() * mask[rows]).sum() / masked_tokens
+            stats["clip"] += float(clip_share) / cfg.num_iterations
         if aux_loss is not None:  # the demo's probe on distortion-family labels (one process)
             aux = aux_loss(model)
             aux.backward()
             stats["aux"] = aux.item()
-        norm = torch.nn.utils.clip_grad_norm_([q for q in policy.parameters() if q.requires_grad], cfg.grad_clip)
-        stats["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / cfg.num_iterations
+        trainable = [q for q in policy.parameters() if q.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        stats["grad_norm"] += float(norm) / cfg.num_iterations
         optimizer.step()
     clock.end("update")
     return step_figures(rewards, batch, mask, completions, prompts, model) | stats | clock.figures()
@@ -302,15 +330,17 @@ class Phases:
                 "update_s": s.get("reference", 0.0) + s.get("update", 0.0)}
 
 
-def reference_logprobs(cfg: Config, policy, ref, groups, logprobs):
+def reference_logprobs(cfg: Config, policy, ref, micro_batches, logprobs):
     """Log-probs of the reference policy (for beta k3): the frozen copy (--full), or the same model
-    with its adapters switched off (LoRA: no second copy); None when beta = 0."""
+    with its adapters switched off (LoRA: no second copy); None when beta = 0. logprobs(engine,
+    rows) is grpo_step's, run on each micro-batch's rows."""
     if cfg.beta <= 0:
         return None
     if ref is not None:
-        return torch.cat([logprobs(ref, g)[0] for g in groups])
+        return torch.cat([logprobs(ref, rows)[0] for rows in micro_batches])
     with lora.adapters_disabled(distributed.unwrap(policy)):
-        return torch.cat([logprobs(distributed.for_inference(policy), g)[0] for g in groups])
+        engine = distributed.for_inference(policy)
+        return torch.cat([logprobs(engine, rows)[0] for rows in micro_batches])
 
 
 def step_figures(rewards, batch, mask, completions, prompts, model) -> dict:
@@ -393,7 +423,11 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     text = mgiqa.prompt_text(processor, cfg.thinking)
-    prompts_of = prompts_of or (lambda records: rollouts.encode_prompts(model, processor, [r.image for r in records], text))
+
+    def image_prompts(records):
+        """The records' image files through the processor, each under the run's prompt text."""
+        return rollouts.encode_prompts(model, processor, [r.image for r in records], text)
+    prompts_of = prompts_of or image_prompts
     history, saved, start, first = [], {}, time.perf_counter(), i
     while i < cfg.steps:
         batch = to_device(sampler.sample(), device)
