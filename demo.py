@@ -2,7 +2,7 @@
 
     python demo.py --out runs/demo                 # data, warm-up, GRPO, evaluation (~5 min, 2 cores)
     python demo.py --ablation --out runs/demo      # overall-only reward from the same warm-up
-    python demo.py --source procedural             # the procedural scenes instead of photographs
+    python demo.py --source photos                 # crops of photographs instead of procedural scenes
 
 It writes OUT/summary.json (the figures, and which photos were trained on and held out),
 OUT/learning_curve.png, OUT/heldout.jsonl and OUT/report.html (the held-out images with their answers,
@@ -13,11 +13,12 @@ mgiqa.load scales any photo to about 84 x 84 pixels and the answer keeps its lay
 something only for 84 px crops distorted as here (README: the GPU recipe for real photos).
 
 What it does (the recipe measured in docs/DEMO_NOTES.md; docs/METHOD.md gives the method):
-1. Data shaped like KADID-10k (synth.synthesize_photos, or synth.synthesize with --source procedural):
-   every scene, a crop of one of seven public-domain photographs, has a clean version and one version
-   per distortion family (blur, noise, colour, subject pushed off-centre) at a graded level; ground
-   truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one, overall = the minimum.
-   Held-out scenes are crops of photos never seen in training (synth.HELDOUT_PHOTOS).
+1. Data shaped like KADID-10k (synth.synthesize, or synth.synthesize_photos with --source photos):
+   every scene (procedural, or a crop of one of seven public-domain photographs) has a clean version
+   and one version per distortion family (blur, noise, colour, subject pushed off-centre) at a graded
+   level; ground truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one, overall =
+   the minimum. Held-out scenes are disjoint from training ones; with photos, crops of photos never
+   seen in training (synth.HELDOUT_PHOTOS).
 2. Model: tiny.build("demo"), a 0.7M-parameter Qwen2.5-VL (the size the recipe learned with; a step
    of B=16 x K=8 rollouts costs about 0.5 s on two cores), with rope_theta 4 so that its language
    model can tell the image tokens' positions apart (composition needs it; tiny.SIZES).
@@ -37,6 +38,9 @@ What it does (the recipe measured in docs/DEMO_NOTES.md; docs/METHOD.md gives th
    family-word loss kept as an auxiliary loss on other images.
 5. Held-out evaluation of the warm-up and final checkpoints: overall SRCC over all held-out images;
    each attribute's SRCC over the images where it varies (its family plus the clean ones).
+6. --ablation: the paper's ablation, GRPO again from the same warm-up with the same settings but the
+   overall-only reward (DemoConfig.weights with every attribute's weight set to 0); summary.json keeps
+   both runs' settings and the paired overall SRCC difference with its bootstrap interval.
 
 Departures (integer scores, no KL term, the options above): docs/METHOD.md, section 7, departure 9.
 """
@@ -48,6 +52,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -63,7 +68,6 @@ import evaluate
 import grpo
 import mgiqa
 import report
-import reward
 import rollouts
 import synth
 from mgiqa import ATTRIBUTES
@@ -78,7 +82,7 @@ DEFAULT_OUT = "runs/demo"
 @dataclass
 class DemoConfig:
     seed: int = 0
-    source: str = "photos"          # photos: crops of assets/photos; procedural: synth.synthesize's scenes
+    source: str = "procedural"      # procedural: synth.synthesize's scenes; photos: crops of assets/photos
     augment: bool = False           # training images rotated / mirrored at random (labels do not change)
     heldout_photos: str = ",".join(synth.HELDOUT_PHOTOS)  # photos source: never in training, all held-out crops
     procedural: int = 0             # photos source: procedural scenes added to training (more content to learn the families on)
@@ -105,6 +109,9 @@ class DemoConfig:
     beta: float = 0.0               # no KL term: the reference's score digits are uniform by construction (0.05: seed 0 mean .873 vs .891, seed 1 .847 vs .856; 12% slower)
     gamma: float = 0.05
     entropy_coef: float = 0.2       # seed 0, step 450: 0.5 (the recipe's; aux 1.0) mean lower; 0.1 (aux 0.05) overall .791 vs .818
+    # reward weights of ATTRIBUTES: all 1, each attribute's score tokens take its full advantage
+    # (the computation the recipe was tuned with); reward.DEFAULT_WEIGHTS would scale them by .25
+    weights: tuple = (1.0, 1.0, 1.0, 1.0, 1.0)
     aux_weight: float = 0.05        # 1.0: its gradient (norm 1-6) outweighed the policy gradient (~.55) under clip 1, learning began ~75 steps later
     aux_batch: int = 16
     max_new_tokens: int = 20
@@ -397,24 +404,64 @@ def heldout_srcc(pred: np.ndarray, recs: list) -> dict:
     return out | {"all_images": all_images, "overall_as_attribute": evaluate.attribute_srcc_within_family(in_place, recs)}
 
 
-def attribute_mean(m: dict) -> float:
-    """Mean SRCC of the five; an attribute whose greedy answer is constant (SRCC undefined, NaN)
-    counts as 0, the rank correlation a constant predictor earns."""
+def mean_srcc(m: dict) -> float:
+    """"mean" wherever the demo says it (code, summary.json, README): the mean held-out SRCC of the
+    five (ATTRIBUTES, overall included); a constant greedy answer (SRCC undefined, NaN) counts as 0,
+    the rank correlation a constant predictor earns."""
     return float(np.mean([0.0 if math.isnan(m[a]) else m[a] for a in ATTRIBUTES]))
 
 
+def overall_difference(final_rows: list, ablation_rows: list, seed: int, n: int = 1000) -> dict:
+    """The paper's ablation figure: held-out overall SRCC with the attribute rewards (final_rows)
+    minus without (ablation_rows), paired, with a 95% bootstrap interval over resampled held-out
+    images (evaluate.compare; images either run left unparsed are dropped from both)."""
+    result = evaluate.compare(final_rows, ablation_rows, attribute="overall", n=n, seed=seed)
+    (name,) = [k for k in result if k != "average"]  # the demo's one dataset
+    return result[name] | {"a": "final (attribute and overall rewards)", "b": "ablation (overall-only reward)"}
+
+
+def agrees_with_paper(difference: float) -> bool:
+    """The paper's direction: overall SRCC drops without the attribute rewards (.798 -> .779)."""
+    return difference > 0
+
+
+def scores(result: dict) -> dict:
+    """What summary.json keeps of a checkpoint's evaluation: the five SRCCs, their mean and EXTRA.
+    The ablation's entry has no mean: its attributes were not rewarded."""
+    return {a: result[a] for a in ATTRIBUTES} | {"mean": mean_srcc(result)} | {k: result[k] for k in EXTRA}
+
+
+def overall_only(weights) -> tuple:
+    """The ablation's reward weights: the overall score's weight as given, every attribute's 0."""
+    return tuple(w if a == "overall" else 0.0 for a, w in dict(zip(ATTRIBUTES, weights, strict=True)).items())
+
+
+def grpo_settings(cfg: DemoConfig, out_dir: Path, ablation: bool) -> grpo.Config:
+    """The GRPO settings of the full run, or of its ablation: the same but for the reward weights,
+    which are overall-only there (the credit rule, entropy bonus and auxiliary loss stay)."""
+    weights = overall_only(cfg.weights) if ablation else tuple(cfg.weights)
+    return grpo.Config(out=str(out_dir), seed=cfg.seed, steps=cfg.grpo_steps, full=True, batch_size=cfg.batch_size,
+                       warmup_steps=cfg.warmup_steps, num_generations=cfg.num_generations, lr=cfg.lr, schedule=cfg.schedule,
+                       beta=cfg.beta, gamma=cfg.gamma, ignore_ties=True, entropy_coef=cfg.entropy_coef, entropy_vocab="12345",
+                       max_new_tokens=cfg.max_new_tokens, credit="attribute", weights=list(weights),
+                       save_every=100, keep=1, eval_every=cfg.eval_every, model="demo")
+
+
+def recorded_settings(gcfg: grpo.Config) -> dict:
+    """A run's GRPO settings as summary.json keeps them: every field but its run folder."""
+    return {k: v for k, v in asdict(gcfg).items() if k != "out"}
+
+
 def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablation: bool, log=print):
+    """GRPO from the model as it is, in a fresh out_dir (grpo.train would resume from what is there)
+    -> the held-out learning curve and the settings run."""
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None  # the KL term's reference
     model.requires_grad_(True)
     model.model.visual.requires_grad_(cfg.grpo_vision)
     if cfg.grpo_vision:
         demo.features = None  # the tower changes from here on: run it on the pixels
-    gcfg = grpo.Config(out=str(out_dir), seed=cfg.seed, steps=cfg.grpo_steps, full=True, batch_size=cfg.batch_size,
-                       warmup_steps=cfg.warmup_steps, num_generations=cfg.num_generations, lr=cfg.lr, schedule=cfg.schedule,
-                       beta=cfg.beta, gamma=cfg.gamma, ignore_ties=True, entropy_coef=cfg.entropy_coef, entropy_vocab="12345",
-                       max_new_tokens=cfg.max_new_tokens, credit="sequence" if ablation else "attribute",
-                       weights=[0, 0, 0, 0, 1.0] if ablation else list(reward.DEFAULT_WEIGHTS),
-                       save_every=100, keep=1, eval_every=cfg.eval_every, model="demo")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    gcfg = grpo_settings(cfg, out_dir, ablation)
     sampler = data.Sampler({demo.train[0].dataset: demo.train}, cfg.batch_size, seed=cfg.seed)
     curve = []
 
@@ -424,11 +471,13 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
         m.train()
         return {a: round(result[a], 3) for a in ATTRIBUTES}
 
-    prompts_of = lambda records: demo.prompts(model, processor, demo.indices(records))  # noqa: E731
+    def prompts_of(records):
+        return demo.prompts(model, processor, demo.indices(records))
+
     torch.manual_seed(cfg.seed)
     grpo.train(gcfg, model, processor, sampler, prompts_of=prompts_of, ref_model=ref,
                aux_loss=family_aux_loss(processor, demo, cfg), eval_fn=eval_fn, log=log)
-    return curve
+    return curve, recorded_settings(gcfg)
 
 
 def plot_curve(curves: dict, path: Path) -> None:
@@ -474,24 +523,33 @@ def fit_processor(processor, side: int) -> None:
     processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
 
 
+def ladder_photo(demo: Demo) -> str:
+    """The photo whose ladder the demo writes: a held-out one, or with procedural scenes (where the
+    model saw no photograph at all) synth.HELDOUT_PHOTOS' first."""
+    return (demo.photos["heldout"] or list(synth.HELDOUT_PHOTOS))[0]
+
+
 def write_ladder(folder: Path, demo: Demo, cfg: DemoConfig) -> None:
-    """A held-out photo's scene, clean and at levels 1, 3 and 5 of each family, as PNG files for mgiqa.py."""
+    """A photo never trained on, clean and at levels 1, 3 and 5 of each family, as PNG files for mgiqa.py."""
     from PIL import Image
 
-    if not demo.photos["heldout"]:
-        return
     folder.mkdir(parents=True, exist_ok=True)
-    photo = demo.photos["heldout"][0]
+    photo = ladder_photo(demo)
     for family, images in synth.photo_ladder(photo, cfg.image_size, cfg.seed).items():
         for level in (0, 1, 3, 5):
             name = f"{photo}_clean.png" if level == 0 else f"{photo}_{family}{level}.png"
             Image.fromarray(images[level]).save(folder / name)
 
 
+def heldout_rows(texts: list[str], demo: Demo) -> list[dict]:
+    """evaluate.py's result rows for the greedy answers texts on the held-out images."""
+    return [evaluate.result_row(r, {**mgiqa.parse_answer(t), "strict": mgiqa.parse_answer(t, strict=True) is not None,
+                                    "completion": t}, True) for r, t in zip(demo.heldout, texts, strict=True)]
+
+
 def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: str) -> None:
     """OUT/heldout[_NAME].jsonl (evaluate.py's rows) and OUT/report[_NAME].html for the held-out images."""
-    rows = [evaluate.result_row(r, {**mgiqa.parse_answer(t), "strict": mgiqa.parse_answer(t, strict=True) is not None,
-                                    "completion": t}, True) for r, t in zip(demo.heldout, texts)]
+    rows = heldout_rows(texts, demo)
     suffix = "" if name == "final" else f"_{name}"
     with open(out / f"heldout{suffix}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(report.dumps(row) + "\n" for row in rows)
@@ -550,10 +608,14 @@ def main(args) -> int:
         model, processor = mgiqa.load(str(warm_dir), device="cpu")
         rollouts.fast_vision(model)
         demo.cache_features(model)
-        curve = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
+        curve, settings = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
         texts = heldout_answers(model, processor, demo, cfg)
         result = evaluate_heldout(model, processor, demo, cfg, texts)
-        summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {k: result[k] for k in EXTRA}
+        summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {k: result[k] for k in EXTRA}  # no mean: see scores
+        summary.setdefault("settings", {})["ablation"] = settings
+        final_rows = [report.nan_for_null(json.loads(line)) for line in open(out / "heldout.jsonl")]
+        difference = overall_difference(final_rows, heldout_rows(texts, demo), cfg.seed)
+        summary["ablation_overall_difference"] = difference | {"agrees_with_paper": agrees_with_paper(difference["diff"])}
         summary["ablation_seconds"] = time.perf_counter() - t0
         summary.setdefault("curves", {})["ablation"] = curve
     else:
@@ -565,16 +627,20 @@ def main(args) -> int:
         warm = evaluate_heldout(model, processor, demo, cfg)
         log(f"warm-up done at {time.perf_counter() - t0:.0f}s: " + json.dumps({k: round(v, 3) for k, v in warm.items() if not isinstance(v, dict)}))
         curve = [{"step": 0, **{a: warm[a] for a in ATTRIBUTES}}]
-        curve += run_grpo(model, processor, demo, cfg, out / "grpo-run", ablation=False, log=log)
+        more, settings = run_grpo(model, processor, demo, cfg, out / "grpo-run", ablation=False, log=log)
+        curve += more
         model.save_pretrained(out / "final")
         processor.save_pretrained(out / "final")
         texts = heldout_answers(model, processor, demo, cfg)
         final = evaluate_heldout(model, processor, demo, cfg, texts)
         write_ladder(out / "ladder", demo, cfg)
         summary.update({"seconds": time.perf_counter() - t0, "config": asdict(cfg), "photos": demo.photos,
-                        "warmup": {a: warm[a] for a in ATTRIBUTES} | {k: warm[k] for k in EXTRA},
-                        "final": {a: final[a] for a in ATTRIBUTES} | {k: final[k] for k in EXTRA}})
-        summary.setdefault("curves", {})["final"] = curve
+                        "warmup": scores(warm), "final": scores(final),
+                        "settings": {"final": settings}})
+        for stale in ("ablation", "ablation_seconds", "ablation_overall_difference"):  # of an earlier warm-up
+            summary.pop(stale, None)
+        summary.setdefault("curves", {}).pop("ablation", None)
+        summary["curves"]["final"] = curve
     report.write_json(summary_path, summary, indent=2)
     plot_curve(summary.get("curves", {}), out / "learning_curve.png")
     name = "ablation" if args.ablation else "final"
@@ -586,18 +652,28 @@ def main(args) -> int:
 
 
 def print_table(summary: dict, log=print) -> None:
-    log("held-out SRCC; nan = no ranking: the same greedy answer for every image, or no such score (counted as 0 in the mean)")
-    log(f"{'':14s} " + " ".join(f"{a:>11s}" for a in ATTRIBUTES) + "        mean")
-    for name in ("warmup", "final", "ablation"):
+    log("held-out SRCC; nan = no ranking: the same greedy answer for every image, or no such score "
+        "(counted as 0 in the mean, the five's mean)")
+    log(f"{'':14s} " + " ".join(f"{a:>12s}" for a in ATTRIBUTES) + "         mean")
+    for name in ("warmup", "final"):
         if name in summary:
             m = summary[name]
-            log(f"{name:14s} " + " ".join(f"{m[a]:11.3f}" for a in ATTRIBUTES) + f" {attribute_mean(m):11.3f}")
+            log(f"{name:14s} " + " ".join(f"{m[a]:12.3f}" for a in ATTRIBUTES) + f" {mean_srcc(m):12.3f}")
+    if "ablation" in summary:  # its attributes had no reward: their figures are no comparison
+        log(f"{'ablation':14s} " + " ".join(f"{'not rewarded':>12s}" for a in ATTRIBUTES[:-1])
+            + f" {summary['ablation']['overall']:12.3f}")
+    d = summary.get("ablation_overall_difference")
+    if d:
+        verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
+        log(f"overall SRCC with - without the attribute rewards: {d['diff']:+.3f} (95% bootstrap interval "
+            f"{d['low']:+.3f} to {d['high']:+.3f}, {d['n']} held-out images); {verdict} the paper's direction "
+            "(.798 -> .779 without)")
     log("(all): attributes over all held-out images; (ov): the overall digit in each attribute's place, within family")
     for key, tag in (("all_images", "all"), ("overall_as_attribute", "ov")):
-        for name in ("warmup", "final", "ablation"):
+        for name in ("warmup", "final"):
             if name in summary and key in summary[name]:
                 m = summary[name][key]
-                log(f"{name + f' ({tag})':14s} " + " ".join(f"{m.get(a, float('nan')):11.3f}" for a in ATTRIBUTES[:-1]))
+                log(f"{name + f' ({tag})':14s} " + " ".join(f"{m.get(a, float('nan')):12.3f}" for a in ATTRIBUTES[:-1]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -605,9 +681,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data draw (default 0)")
     ap.add_argument("--ablation", action="store_true",
-                    help="overall-only reward, one advantage per completion, from OUT/warmup (run without it first)")
+                    help="the same GRPO from OUT/warmup with the overall-only reward (run without it first); "
+                         "prints the paired overall SRCC difference")
     ap.add_argument("--source", choices=("photos", "procedural"), default=DemoConfig.source,
-                    help="scenes: crops of the seven photographs in assets/photos (default), or procedural waves")
+                    help="scenes: procedural waves (default), or crops of the seven photographs in assets/photos")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     return ap.parse_args(argv)
 
