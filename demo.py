@@ -167,10 +167,15 @@ class Demo:
             from PIL import Image
             side = (int(self.grid[2]) * 14, int(self.grid[1]) * 14)
             self._template = rollouts.encode_prompts(model, processor, [Image.new("RGB", side)], mgiqa.prompt_text(processor))
-        t, n = self._template, len(idx)
+        return self.image_prompts(self.pixels[idx], None if self.features is None else tuple(self.features[idx]))
+
+    def image_prompts(self, pixels, features) -> rollouts.Prompts:
+        """Prompts for patch rows pixels (n, patches, C) of the demo's image size and the tower's
+        output for them (a tuple of n, or None: the tower runs on the pixels); after prompts()."""
+        t, n = self._template, len(pixels)
         return rollouts.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
-                                t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
-                                self.grid.expand(n, 3), None if self.features is None else tuple(self.features[idx]))
+                                t.next_position.expand(n), pixels.reshape(-1, pixels.shape[-1]),
+                                self.grid.expand(n, 3), features)
 
 
 # ----------------------------------------------------------------------------- warm-up (no quality label or level)
@@ -257,9 +262,14 @@ def confusion(true: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
 
 def pooled_tokens(model, demo, idx) -> tuple:
     """The vision tower's output tokens for images idx: one (tokens, D) tensor each."""
-    grid = demo.grid.expand(len(idx), 3)
-    return model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), grid, return_dict=True,
-                                          **vision_indices(model.model.visual, grid)).pooler_output
+    return tower_tokens(model, demo.pixels[idx], demo.grid)
+
+
+def tower_tokens(model, pixels, grid) -> tuple:
+    """The vision tower's output tokens for patch rows pixels (n, patches, C) of one grid."""
+    grids = grid.expand(len(pixels), 3)
+    return model.model.get_image_features(pixels.reshape(-1, pixels.shape[-1]), grids, return_dict=True,
+                                          **vision_indices(model.model.visual, grids)).pooler_output
 
 
 _VISION_INDICES: dict = {}
@@ -363,16 +373,58 @@ def family_aux_loss(processor, demo, cfg):
 
 def heldout_answers(model, processor, demo: Demo, cfg: DemoConfig) -> list[str]:
     """Greedy answers on the held-out images, in demo.heldout order."""
-    model.eval()
     idx = demo.indices(demo.heldout)
+    return [t for s in range(0, len(idx), 120) for t in greedy(model, processor, demo.prompts(model, processor, idx[s:s + 120]), cfg)]
+
+
+def greedy(model, processor, p: rollouts.Prompts, cfg: DemoConfig) -> list[str]:
+    """The model's greedy answers to prompts p, in eval mode."""
+    model.eval()
     tokens = grpo.Tokens.resolve(grpo.Config(), model, processor)
-    texts = []
-    for s in range(0, len(idx), 120):
-        p = demo.prompts(model, processor, idx[s:s + 120])
-        ids = rollouts.sample_shared(model, p, K=1, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos, pad_id=tokens.pad,
-                                     banned=tokens.banned, temperature=0.0)
-        texts += mgiqa.decode_completions(processor, ids, tokens.eos)
-    return texts
+    ids = rollouts.sample_shared(model, p, K=1, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos, pad_id=tokens.pad,
+                                 banned=tokens.banned, temperature=0.0)
+    return mgiqa.decode_completions(processor, ids, tokens.eos)
+
+
+def image_answers(model, processor, demo: Demo, cfg: DemoConfig, images: np.ndarray) -> list[str]:
+    """Greedy answers for uint8 images (N, S, S, 3) of the demo's size that are not in its data
+    (the ladders of photos), the vision tower run on them once."""
+    pixels, _ = patchify(images, processor.image_processor)
+    demo.prompts(model, processor, torch.arange(1))  # the prompt template, made once
+    with torch.no_grad():
+        features = tower_tokens(model, pixels, demo.grid)
+    return [t for s in range(0, len(pixels), 120)
+            for t in greedy(model, processor, demo.image_prompts(pixels[s:s + 120], features[s:s + 120]), cfg)]
+
+
+LADDER_CROPS = 6  # crops of each photo whose ladders are scored: 6 x 4 families x 6 levels per photo
+
+
+def ladder_figures(model, processor, demo: Demo, cfg: DemoConfig, photos) -> dict:
+    """SRCC within each ladder (one crop of a photo: its clean version and levels 1-5 of one family,
+    where a level is comparable: the same content), averaged over the ladders of LADDER_CROPS crops
+    of each photo: the family's attribute, and overall over every family's ladders. A constant
+    answer on a ladder counts 0, as in the mean."""
+    ladders = [(family, images) for photo in photos for k in range(LADDER_CROPS)
+               for family, images in synth.photo_ladder(photo, cfg.image_size, 100 * cfg.seed + k).items()]
+    texts = image_answers(model, processor, demo, cfg, np.concatenate([images for _, images in ladders]))
+    pred = np.array([[mgiqa.parse_answer(t)[a] for a in ATTRIBUTES] for t in texts]).reshape(len(ladders), 6, -1)
+    truth = -np.arange(6.0)  # level 0 (clean) is the best
+    per = {a: [] for a in ATTRIBUTES}
+    for (family, _), p in zip(ladders, pred, strict=True):
+        for a in (mgiqa.FAMILY_TO_ATTRIBUTE[family], "overall"):
+            r = evaluate.srcc(p[:, ATTRIBUTES.index(a)], truth)
+            per[a].append(0.0 if math.isnan(r) else float(r))
+    return {a: float(np.mean(v)) for a, v in per.items() if v} | {"ladders": len(ladders), "photos": list(photos)}
+
+
+def ladder_panel(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
+    """The ladder written to OUT/ladder (ladder_photo's crop, clean and levels 1, 3, 5 of each
+    family) with the model's scores: what report.html shows as transfer to unseen content."""
+    images = ladder_images(demo, cfg)
+    texts = image_answers(model, processor, demo, cfg, np.stack(list(images.values())))
+    return {"photo": ladder_photo(demo), "scores": {name: {a: mgiqa.parse_answer(t)[a] for a in ATTRIBUTES} | {"answer": t}
+                                                     for name, t in zip(images, texts, strict=True)}}
 
 
 def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig, texts: list[str] | None = None) -> dict:
@@ -529,16 +581,22 @@ def ladder_photo(demo: Demo) -> str:
     return (demo.photos["heldout"] or list(synth.HELDOUT_PHOTOS))[0]
 
 
+def ladder_images(demo: Demo, cfg: DemoConfig) -> dict:
+    """{file name: uint8 image}: ladder_photo's crop (seed cfg.seed), clean and at levels 1, 3, 5 of each family."""
+    photo, out = ladder_photo(demo), {}
+    for family, images in synth.photo_ladder(photo, cfg.image_size, cfg.seed).items():
+        for level in (0, 1, 3, 5):
+            out[f"{photo}_clean.png" if level == 0 else f"{photo}_{family}{level}.png"] = images[level]
+    return out
+
+
 def write_ladder(folder: Path, demo: Demo, cfg: DemoConfig) -> None:
-    """A photo never trained on, clean and at levels 1, 3 and 5 of each family, as PNG files for mgiqa.py."""
+    """ladder_images as PNG files for mgiqa.py."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    photo = ladder_photo(demo)
-    for family, images in synth.photo_ladder(photo, cfg.image_size, cfg.seed).items():
-        for level in (0, 1, 3, 5):
-            name = f"{photo}_clean.png" if level == 0 else f"{photo}_{family}{level}.png"
-            Image.fromarray(images[level]).save(folder / name)
+    for name, image in ladder_images(demo, cfg).items():
+        Image.fromarray(image).save(folder / name)
 
 
 def heldout_rows(texts: list[str], demo: Demo) -> list[dict]:
@@ -547,7 +605,63 @@ def heldout_rows(texts: list[str], demo: Demo) -> list[dict]:
                                     "completion": t}, True) for r, t in zip(demo.heldout, texts, strict=True)]
 
 
-def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: str) -> None:
+PAPER = {"with": 0.798, "without": 0.779}  # the paper's held-out overall SRCC, MG-IQA against no multi-attribute reasoning
+
+
+def comparison_html(summary: dict) -> str:
+    """The report's opening: the paper's comparison, this run's overall SRCC with and without the
+    attribute rewards (after --ablation), beside the paper's."""
+    f = report._num
+    d = summary.get("ablation_overall_difference")
+    head = "<h2>With and without the attribute rewards (the paper's ablation)</h2>"
+    if not d:
+        return (head + f"<p>Held-out overall SRCC with them: <b>{f(summary['final']['overall'])}</b>. Run "
+                "<code>python demo.py --ablation</code> (the same GRPO from the same warm-up, overall-only reward) "
+                "to compare.</p>")
+    verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
+    return (head + "<div class=scroll><table><tr><th></th><th>overall SRCC with attribute rewards</th>"
+            "<th>without (overall-only reward)</th><th>difference [95% bootstrap interval]</th></tr>"
+            f"<tr><td>this run, seed {summary['config']['seed']}, {d['n']} held-out images</td><td>{f(d['srcc_a'])}</td>"
+            f"<td>{f(d['srcc_b'])}</td><td>{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]</td></tr>"
+            f"<tr><td>the paper (held-out SRCC)</td><td>{PAPER['with']:.3f}</td><td>{PAPER['without']:.3f}</td>"
+            f"<td>{PAPER['with'] - PAPER['without']:+.3f}</td></tr></table></div>"
+            f"<p>This run {verdict} the paper's direction. Everything but the reward weights was the same in the two "
+            "runs (summary.json, \"settings\"); the ablation's attribute scores were not rewarded, so they are "
+            "not compared.</p>")
+
+
+def ladder_html(summary: dict, demo: Demo, cfg: DemoConfig) -> str:
+    """The panel of the ladder of a photograph the model never trained on, with the final model's scores."""
+    panel = summary.get("ladder")
+    if not panel:
+        return ""
+    images = ladder_images(demo, cfg)
+    seen = "trained on procedural scenes only" if cfg.source == "procedural" else "never trained on this photo"
+    photo, levels = panel["photo"], (1, 3, 5)
+    rows = []
+    for family, attribute in mgiqa.FAMILY_TO_ATTRIBUTE.items():
+        names = [f"{photo}_clean.png"] + [f"{photo}_{family}{level}.png" for level in levels]
+        if names[1] not in images:  # a photo without a subject has no composition ladder
+            continue
+        cells = []
+        for name in names:
+            s = panel["scores"][name]
+            src, _ = report.thumbnail(images[name])
+            cells.append(f'<td><img src="{src}" alt="{report._esc(name)}"><br>{attribute} <b>{report._num(s[attribute], 0)}</b>'
+                         f' · overall <b>{report._num(s["overall"], 0)}</b></td>')
+        rows.append(f"<tr><td>{family}</td>{''.join(cells)}</tr>")
+    head = "<tr><th>family</th><th>clean</th>" + "".join(f"<th>level {level}</th>" for level in levels) + "</tr>"
+    figures = summary.get("ladder_srcc", {})
+    within = ", ".join(f"{a} {report._num(figures[a])}" for a in ATTRIBUTES if a in figures)
+    return (f"<h2>Transfer to content never seen: a photograph ({report._esc(panel['photo'])})</h2>"
+            f"<p>The final model ({seen}) scores one crop of the photo, clean and at levels 1, 3 and 5 of each "
+            "distortion family. Within such ladders (the same content at every level; "
+            f"{figures.get('ladders', 0)} ladders of {', '.join(figures.get('photos', []))}) its SRCC is: {within}.</p>"
+            f'<div class=scroll><table class="ladder">{head}{"".join(rows)}</table></div>')
+
+
+def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: str, preface: str = "",
+                   appendix: str = "") -> None:
     """OUT/heldout[_NAME].jsonl (evaluate.py's rows) and OUT/report[_NAME].html for the held-out images."""
     rows = heldout_rows(texts, demo)
     suffix = "" if name == "final" else f"_{name}"
@@ -558,10 +672,11 @@ def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: st
             f'{base64.b64encode(curve.read_bytes()).decode()}">' if curve.is_file() else ""
     report.write_report(out / f"report{suffix}.html", rows, demo.heldout, evaluate.summarize(rows, demo.heldout), title,
                         subtitle=f"{len(rows)} held-out images of {demo.heldout_images[rows[0]['image']].shape[0]} px, "
-                                 f"scenes disjoint from training; greedy answers of the {name} checkpoint",
+                                 f"scenes disjoint from training; greedy answers of the {name} checkpoint, worst-ranked "
+                                 "first",
                         note="The CPU demo's 0.7M-parameter model, trained on 84 px crops with one synthetic distortion "
                              "each: its scores mean something only on such images. For real photos see the README's GPU recipe.",
-                        images=demo.heldout_images, appendix=extra)
+                        images=demo.heldout_images, preface=preface, appendix=appendix + extra)
 
 
 def config(args) -> DemoConfig:
@@ -634,6 +749,8 @@ def main(args) -> int:
         texts = heldout_answers(model, processor, demo, cfg)
         final = evaluate_heldout(model, processor, demo, cfg, texts)
         write_ladder(out / "ladder", demo, cfg)
+        summary["ladder"] = ladder_panel(model, processor, demo, cfg)
+        summary["ladder_srcc"] = ladder_figures(model, processor, demo, cfg, demo.photos["heldout"] or synth.HELDOUT_PHOTOS)
         summary.update({"seconds": time.perf_counter() - t0, "config": asdict(cfg), "photos": demo.photos,
                         "warmup": scores(warm), "final": scores(final),
                         "settings": {"final": settings}})
@@ -643,10 +760,14 @@ def main(args) -> int:
         summary["curves"]["final"] = curve
     report.write_json(summary_path, summary, indent=2)
     plot_curve(summary.get("curves", {}), out / "learning_curve.png")
-    name = "ablation" if args.ablation else "final"
     what = f"held-out crops of photos never seen in training ({', '.join(demo.photos['heldout'])})" \
         if cfg.source == "photos" else "held-out synthetic scenes"
-    heldout_report(out, texts, demo, name, f"MG-IQA demo, seed {cfg.seed}: {what}, {name} checkpoint")
+    final_texts = texts if not args.ablation else [row["completion"] for row in final_rows]
+    heldout_report(out, final_texts, demo, "final", f"MG-IQA demo, seed {cfg.seed}: {what}, final checkpoint",
+                   preface=comparison_html(summary), appendix=ladder_html(summary, demo, cfg))
+    if args.ablation:
+        heldout_report(out, texts, demo, "ablation", f"MG-IQA demo, seed {cfg.seed}: {what}, ablation checkpoint "
+                       "(overall-only reward: its attribute scores were not rewarded)")
     print_table(summary, log)
     return 0
 

@@ -87,6 +87,7 @@ th,td{border:1px solid #dde1e8;padding:3px 9px;text-align:right}th{background:#e
 .gt{position:absolute;top:-3px;bottom:-3px;width:2px;margin-left:-1px;background:#1d2330}
 .val{text-align:right;font-variant-numeric:tabular-nums}.why{font-size:12px;background:#f6f7f9;border-radius:4px;padding:4px 6px;margin:0}
 details{font-size:11px;color:#566074}pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:4px 0}
+.ladder td{text-align:center;vertical-align:top;font-size:12px}.ladder img{width:112px;height:112px;image-rendering:pixelated}
 .legend{font-size:12px;color:#566074}.legend .gt{position:relative;display:inline-block;height:12px;top:2px}
 """
 
@@ -291,12 +292,12 @@ def dataset_section(name: str, rows: list[dict], recs: list, entry: dict, images
 
 
 def html_report(rows, records, summary, title: str, subtitle: str = "", note: str = "", images=None,
-                max_images: int | None = None, appendix: str = "") -> str:
+                max_images: int | None = None, appendix: str = "", preface: str = "") -> str:
     """The page as a string. rows: evaluate.py's result rows; records: theirs (a card names the
     family and level of its row's record, matched by dataset and image); summary:
     evaluate.summarize's, whose metrics the tables and chart titles show; images: optional
-    {row image: array or PIL image} for images held in memory (the demo's); appendix: HTML placed
-    after the datasets."""
+    {row image: array or PIL image} for images held in memory (the demo's); preface: HTML placed
+    before the overview table; appendix: HTML placed after the datasets."""
     by_key = {(r.dataset, r.image): r for r in records}
     recs = [by_key.get((row["dataset"], row["image"])) for row in rows]
     sections = []
@@ -307,7 +308,7 @@ def html_report(rows, records, summary, title: str, subtitle: str = "", note: st
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width,initial-scale=1"><title>{_esc(title)}</title><style>{CSS}</style></head>'
             f'<body><main><h1>{_esc(title)}</h1><p class="sub">{_esc(subtitle)}</p>'
-            f'{f"<p class=note>{_esc(note)}</p>" if note else ""}{_overview(summary)}{"".join(sections)}{appendix}'
+            f'{f"<p class=note>{_esc(note)}</p>" if note else ""}{preface}{_overview(summary)}{"".join(sections)}{appendix}'
             f"</main><script>{SORT_JS}</script></body></html>\n")
 
 
