@@ -211,7 +211,7 @@ def test_procedural_scenes_join_training_only_and_heldout_photos_are_chosen():
     photos every held-out crop comes from, and training never sees them."""
     _, processor = mgiqa.load("demo", device="cpu")
     demo.fit_processor(processor, 84)
-    cfg = demo.DemoConfig(n_train=200, n_heldout=40, procedural=50, heldout_photos="coffee,ihc")
+    cfg = demo.DemoConfig(source="photos", n_train=200, n_heldout=40, procedural=50, heldout_photos="coffee,ihc")
     d = demo.Demo(cfg, processor, log=lambda msg: None)
     assert d.photos == {"train": ["astronaut", "chelsea", "hubble_deep_field", "retina", "rocket"], "heldout": ["coffee", "ihc"]}
     assert sum(r.dataset == "synthetic" for r in d.train) == 50 and len(d.train) == 250
