@@ -611,18 +611,17 @@ PAPER = {"with": 0.798, "without": 0.779}  # the paper's held-out overall SRCC, 
 def comparison_html(summary: dict) -> str:
     """The report's opening: the paper's comparison, this run's overall SRCC with and without the
     attribute rewards (after --ablation), beside the paper's."""
-    f = report._num
     d = summary.get("ablation_overall_difference")
     head = "<h2>With and without the attribute rewards (the paper's ablation)</h2>"
     if not d:
-        return (head + f"<p>Held-out overall SRCC with them: <b>{f(summary['final']['overall'])}</b>. Run "
+        return (head + f"<p>Held-out overall SRCC with them: <b>{report.num(summary['final']['overall'])}</b>. Run "
                 "<code>python demo.py --ablation</code> (the same GRPO from the same warm-up, overall-only reward) "
                 "to compare.</p>")
     verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
     return (head + "<div class=scroll><table><tr><th></th><th>overall SRCC with attribute rewards</th>"
             "<th>without (overall-only reward)</th><th>difference [95% bootstrap interval]</th></tr>"
-            f"<tr><td>this run, seed {summary['config']['seed']}, {d['n']} held-out images</td><td>{f(d['srcc_a'])}</td>"
-            f"<td>{f(d['srcc_b'])}</td><td>{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]</td></tr>"
+            f"<tr><td>this run, seed {summary['config']['seed']}, {d['n']} held-out images</td><td>{report.num(d['srcc_a'])}</td>"
+            f"<td>{report.num(d['srcc_b'])}</td><td>{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]</td></tr>"
             f"<tr><td>the paper (held-out SRCC)</td><td>{PAPER['with']:.3f}</td><td>{PAPER['without']:.3f}</td>"
             f"<td>{PAPER['with'] - PAPER['without']:+.3f}</td></tr></table></div>"
             f"<p>This run {verdict} the paper's direction. Everything but the reward weights was the same in the two "
@@ -647,13 +646,13 @@ def ladder_html(summary: dict, demo: Demo, cfg: DemoConfig) -> str:
         for name in names:
             s = panel["scores"][name]
             src, _ = report.thumbnail(images[name])
-            cells.append(f'<td><img src="{src}" alt="{report._esc(name)}"><br>{attribute} <b>{report._num(s[attribute], 0)}</b>'
-                         f' · overall <b>{report._num(s["overall"], 0)}</b></td>')
+            cells.append(f'<td><img src="{src}" alt="{report.esc(name)}"><br>{attribute} <b>{report.num(s[attribute], 0)}</b>'
+                         f' · overall <b>{report.num(s["overall"], 0)}</b></td>')
         rows.append(f"<tr><td>{family}</td>{''.join(cells)}</tr>")
     head = "<tr><th>family</th><th>clean</th>" + "".join(f"<th>level {level}</th>" for level in levels) + "</tr>"
     figures = summary.get("ladder_srcc", {})
-    within = ", ".join(f"{a} {report._num(figures[a])}" for a in ATTRIBUTES if a in figures)
-    return (f"<h2>Transfer to content never seen: a photograph ({report._esc(panel['photo'])})</h2>"
+    within = ", ".join(f"{a} {report.num(figures[a])}" for a in ATTRIBUTES if a in figures)
+    return (f"<h2>Transfer to content never seen: a photograph ({report.esc(panel['photo'])})</h2>"
             f"<p>The final model ({seen}) scores one crop of the photo, clean and at levels 1, 3 and 5 of each "
             "distortion family. Within such ladders (the same content at every level; "
             f"{figures.get('ladders', 0)} ladders of {', '.join(figures.get('photos', []))}) its SRCC is: {within}.</p>"
