@@ -2,7 +2,7 @@
 
     python demo.py --out runs/demo                 # data, warm-up, GRPO, evaluation (~5 min, 2 cores)
     python demo.py --ablation --out runs/demo      # overall-only reward from the same warm-up
-    python demo.py --source procedural             # the procedural scenes instead of photographs
+    python demo.py --source photos                 # crops of photographs instead of procedural scenes
 
 It writes OUT/summary.json (the figures, and which photos were trained on and held out),
 OUT/learning_curve.png, OUT/heldout.jsonl and OUT/report.html (the held-out images with their answers,
@@ -13,11 +13,12 @@ mgiqa.load scales any photo to about 84 x 84 pixels and the answer keeps its lay
 something only for 84 px crops distorted as here (README: the GPU recipe for real photos).
 
 What it does (the recipe measured in docs/DEMO_NOTES.md; docs/METHOD.md gives the method):
-1. Data shaped like KADID-10k (synth.synthesize_photos, or synth.synthesize with --source procedural):
-   every scene, a crop of one of seven public-domain photographs, has a clean version and one version
-   per distortion family (blur, noise, colour, subject pushed off-centre) at a graded level; ground
-   truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one, overall = the minimum.
-   Held-out scenes are crops of photos never seen in training (synth.HELDOUT_PHOTOS).
+1. Data shaped like KADID-10k (synth.synthesize, or synth.synthesize_photos with --source photos):
+   every scene (procedural, or a crop of one of seven public-domain photographs) has a clean version
+   and one version per distortion family (blur, noise, colour, subject pushed off-centre) at a graded
+   level; ground truth 5 for untouched attributes, 5 - 0.8 * level for the distorted one, overall =
+   the minimum. Held-out scenes are disjoint from training ones; with photos, crops of photos never
+   seen in training (synth.HELDOUT_PHOTOS).
 2. Model: tiny.build("demo"), a 0.7M-parameter Qwen2.5-VL (the size the recipe learned with; a step
    of B=16 x K=8 rollouts costs about 0.5 s on two cores), with rope_theta 4 so that its language
    model can tell the image tokens' positions apart (composition needs it; tiny.SIZES).
@@ -37,6 +38,9 @@ What it does (the recipe measured in docs/DEMO_NOTES.md; docs/METHOD.md gives th
    family-word loss kept as an auxiliary loss on other images.
 5. Held-out evaluation of the warm-up and final checkpoints: overall SRCC over all held-out images;
    each attribute's SRCC over the images where it varies (its family plus the clean ones).
+6. --ablation: the paper's ablation, GRPO again from the same warm-up with the same settings but the
+   overall-only reward (DemoConfig.weights with every attribute's weight set to 0); summary.json keeps
+   both runs' settings and the paired overall SRCC difference with its bootstrap interval.
 
 Departures (integer scores, no KL term, the options above): docs/METHOD.md, section 7, departure 9.
 """
@@ -48,6 +52,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -63,7 +68,6 @@ import evaluate
 import grpo
 import mgiqa
 import report
-import reward
 import rollouts
 import synth
 from mgiqa import ATTRIBUTES
@@ -78,7 +82,7 @@ DEFAULT_OUT = "runs/demo"
 @dataclass
 class DemoConfig:
     seed: int = 0
-    source: str = "photos"          # photos: crops of assets/photos; procedural: synth.synthesize's scenes
+    source: str = "procedural"      # procedural: synth.synthesize's scenes; photos: crops of assets/photos
     augment: bool = False           # training images rotated / mirrored at random (labels do not change)
     heldout_photos: str = ",".join(synth.HELDOUT_PHOTOS)  # photos source: never in training, all held-out crops
     procedural: int = 0             # photos source: procedural scenes added to training (more content to learn the families on)
@@ -105,6 +109,9 @@ class DemoConfig:
     beta: float = 0.0               # no KL term: the reference's score digits are uniform by construction (0.05: seed 0 mean .873 vs .891, seed 1 .847 vs .856; 12% slower)
     gamma: float = 0.05
     entropy_coef: float = 0.2       # seed 0, step 450: 0.5 (the recipe's; aux 1.0) mean lower; 0.1 (aux 0.05) overall .791 vs .818
+    # reward weights of ATTRIBUTES: all 1, each attribute's score tokens take its full advantage
+    # (the computation the recipe was tuned with); reward.DEFAULT_WEIGHTS would scale them by .25
+    weights: tuple = (1.0, 1.0, 1.0, 1.0, 1.0)
     aux_weight: float = 0.05        # 1.0: its gradient (norm 1-6) outweighed the policy gradient (~.55) under clip 1, learning began ~75 steps later
     aux_batch: int = 16
     max_new_tokens: int = 20
@@ -160,10 +167,15 @@ class Demo:
             from PIL import Image
             side = (int(self.grid[2]) * 14, int(self.grid[1]) * 14)
             self._template = rollouts.encode_prompts(model, processor, [Image.new("RGB", side)], mgiqa.prompt_text(processor))
-        t, n = self._template, len(idx)
+        return self.image_prompts(self.pixels[idx], None if self.features is None else tuple(self.features[idx]))
+
+    def image_prompts(self, pixels, features) -> rollouts.Prompts:
+        """Prompts for patch rows pixels (n, patches, C) of the demo's image size and the tower's
+        output for them (a tuple of n, or None: the tower runs on the pixels); after prompts()."""
+        t, n = self._template, len(pixels)
         return rollouts.Prompts(t.input_ids.expand(n, -1), t.attention_mask.expand(n, -1), t.positions.expand(-1, n, -1),
-                                t.next_position.expand(n), self.pixels[idx].reshape(-1, self.pixels.shape[-1]),
-                                self.grid.expand(n, 3), None if self.features is None else tuple(self.features[idx]))
+                                t.next_position.expand(n), pixels.reshape(-1, pixels.shape[-1]),
+                                self.grid.expand(n, 3), features)
 
 
 # ----------------------------------------------------------------------------- warm-up (no quality label or level)
@@ -250,9 +262,14 @@ def confusion(true: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
 
 def pooled_tokens(model, demo, idx) -> tuple:
     """The vision tower's output tokens for images idx: one (tokens, D) tensor each."""
-    grid = demo.grid.expand(len(idx), 3)
-    return model.model.get_image_features(demo.pixels[idx].reshape(-1, demo.pixels.shape[-1]), grid, return_dict=True,
-                                          **vision_indices(model.model.visual, grid)).pooler_output
+    return tower_tokens(model, demo.pixels[idx], demo.grid)
+
+
+def tower_tokens(model, pixels, grid) -> tuple:
+    """The vision tower's output tokens for patch rows pixels (n, patches, C) of one grid."""
+    grids = grid.expand(len(pixels), 3)
+    return model.model.get_image_features(pixels.reshape(-1, pixels.shape[-1]), grids, return_dict=True,
+                                          **vision_indices(model.model.visual, grids)).pooler_output
 
 
 _VISION_INDICES: dict = {}
@@ -356,16 +373,58 @@ def family_aux_loss(processor, demo, cfg):
 
 def heldout_answers(model, processor, demo: Demo, cfg: DemoConfig) -> list[str]:
     """Greedy answers on the held-out images, in demo.heldout order."""
-    model.eval()
     idx = demo.indices(demo.heldout)
+    return [t for s in range(0, len(idx), 120) for t in greedy(model, processor, demo.prompts(model, processor, idx[s:s + 120]), cfg)]
+
+
+def greedy(model, processor, p: rollouts.Prompts, cfg: DemoConfig) -> list[str]:
+    """The model's greedy answers to prompts p, in eval mode."""
+    model.eval()
     tokens = grpo.Tokens.resolve(grpo.Config(), model, processor)
-    texts = []
-    for s in range(0, len(idx), 120):
-        p = demo.prompts(model, processor, idx[s:s + 120])
-        ids = rollouts.sample_shared(model, p, K=1, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos, pad_id=tokens.pad,
-                                     banned=tokens.banned, temperature=0.0)
-        texts += mgiqa.decode_completions(processor, ids, tokens.eos)
-    return texts
+    ids = rollouts.sample_shared(model, p, K=1, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos, pad_id=tokens.pad,
+                                 banned=tokens.banned, temperature=0.0)
+    return mgiqa.decode_completions(processor, ids, tokens.eos)
+
+
+def image_answers(model, processor, demo: Demo, cfg: DemoConfig, images: np.ndarray) -> list[str]:
+    """Greedy answers for uint8 images (N, S, S, 3) of the demo's size that are not in its data
+    (the ladders of photos), the vision tower run on them once."""
+    pixels, _ = patchify(images, processor.image_processor)
+    demo.prompts(model, processor, torch.arange(1))  # the prompt template, made once
+    with torch.no_grad():
+        features = tower_tokens(model, pixels, demo.grid)
+    return [t for s in range(0, len(pixels), 120)
+            for t in greedy(model, processor, demo.image_prompts(pixels[s:s + 120], features[s:s + 120]), cfg)]
+
+
+LADDER_CROPS = 6  # crops of each photo whose ladders are scored: 6 x 4 families x 6 levels per photo
+
+
+def ladder_figures(model, processor, demo: Demo, cfg: DemoConfig, photos) -> dict:
+    """SRCC within each ladder (one crop of a photo: its clean version and levels 1-5 of one family,
+    where a level is comparable: the same content), averaged over the ladders of LADDER_CROPS crops
+    of each photo: the family's attribute, and overall over every family's ladders. A constant
+    answer on a ladder counts 0, as in the mean."""
+    ladders = [(family, images) for photo in photos for k in range(LADDER_CROPS)
+               for family, images in synth.photo_ladder(photo, cfg.image_size, 100 * cfg.seed + k).items()]
+    texts = image_answers(model, processor, demo, cfg, np.concatenate([images for _, images in ladders]))
+    pred = np.array([[mgiqa.parse_answer(t)[a] for a in ATTRIBUTES] for t in texts]).reshape(len(ladders), 6, -1)
+    truth = -np.arange(6.0)  # level 0 (clean) is the best
+    per = {a: [] for a in ATTRIBUTES}
+    for (family, _), p in zip(ladders, pred, strict=True):
+        for a in (mgiqa.FAMILY_TO_ATTRIBUTE[family], "overall"):
+            r = evaluate.srcc(p[:, ATTRIBUTES.index(a)], truth)
+            per[a].append(0.0 if math.isnan(r) else float(r))
+    return {a: float(np.mean(v)) for a, v in per.items() if v} | {"ladders": len(ladders), "photos": list(photos)}
+
+
+def ladder_panel(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
+    """The ladder written to OUT/ladder (ladder_photo's crop, clean and levels 1, 3, 5 of each
+    family) with the model's scores: what report.html shows as transfer to unseen content."""
+    images = ladder_images(demo, cfg)
+    texts = image_answers(model, processor, demo, cfg, np.stack(list(images.values())))
+    return {"photo": ladder_photo(demo), "scores": {name: {a: mgiqa.parse_answer(t)[a] for a in ATTRIBUTES} | {"answer": t}
+                                                     for name, t in zip(images, texts, strict=True)}}
 
 
 def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig, texts: list[str] | None = None) -> dict:
@@ -397,24 +456,64 @@ def heldout_srcc(pred: np.ndarray, recs: list) -> dict:
     return out | {"all_images": all_images, "overall_as_attribute": evaluate.attribute_srcc_within_family(in_place, recs)}
 
 
-def attribute_mean(m: dict) -> float:
-    """Mean SRCC of the five; an attribute whose greedy answer is constant (SRCC undefined, NaN)
-    counts as 0, the rank correlation a constant predictor earns."""
+def mean_srcc(m: dict) -> float:
+    """"mean" wherever the demo says it (code, summary.json, README): the mean held-out SRCC of the
+    five (ATTRIBUTES, overall included); a constant greedy answer (SRCC undefined, NaN) counts as 0,
+    the rank correlation a constant predictor earns."""
     return float(np.mean([0.0 if math.isnan(m[a]) else m[a] for a in ATTRIBUTES]))
 
 
+def overall_difference(final_rows: list, ablation_rows: list, seed: int, n: int = 1000) -> dict:
+    """The paper's ablation figure: held-out overall SRCC with the attribute rewards (final_rows)
+    minus without (ablation_rows), paired, with a 95% bootstrap interval over resampled held-out
+    images (evaluate.compare; images either run left unparsed are dropped from both)."""
+    result = evaluate.compare(final_rows, ablation_rows, attribute="overall", n=n, seed=seed)
+    (name,) = [k for k in result if k != "average"]  # the demo's one dataset
+    return result[name] | {"a": "final (attribute and overall rewards)", "b": "ablation (overall-only reward)"}
+
+
+def agrees_with_paper(difference: float) -> bool:
+    """The paper's direction: overall SRCC drops without the attribute rewards (.798 -> .779)."""
+    return difference > 0
+
+
+def scores(result: dict) -> dict:
+    """What summary.json keeps of a checkpoint's evaluation: the five SRCCs, their mean and EXTRA.
+    The ablation's entry has no mean: its attributes were not rewarded."""
+    return {a: result[a] for a in ATTRIBUTES} | {"mean": mean_srcc(result)} | {k: result[k] for k in EXTRA}
+
+
+def overall_only(weights) -> tuple:
+    """The ablation's reward weights: the overall score's weight as given, every attribute's 0."""
+    return tuple(w if a == "overall" else 0.0 for a, w in dict(zip(ATTRIBUTES, weights, strict=True)).items())
+
+
+def grpo_settings(cfg: DemoConfig, out_dir: Path, ablation: bool) -> grpo.Config:
+    """The GRPO settings of the full run, or of its ablation: the same but for the reward weights,
+    which are overall-only there (the credit rule, entropy bonus and auxiliary loss stay)."""
+    weights = overall_only(cfg.weights) if ablation else tuple(cfg.weights)
+    return grpo.Config(out=str(out_dir), seed=cfg.seed, steps=cfg.grpo_steps, full=True, batch_size=cfg.batch_size,
+                       warmup_steps=cfg.warmup_steps, num_generations=cfg.num_generations, lr=cfg.lr, schedule=cfg.schedule,
+                       beta=cfg.beta, gamma=cfg.gamma, ignore_ties=True, entropy_coef=cfg.entropy_coef, entropy_vocab="12345",
+                       max_new_tokens=cfg.max_new_tokens, credit="attribute", weights=list(weights),
+                       save_every=100, keep=1, eval_every=cfg.eval_every, model="demo")
+
+
+def recorded_settings(gcfg: grpo.Config) -> dict:
+    """A run's GRPO settings as summary.json keeps them: every field but its run folder."""
+    return {k: v for k, v in asdict(gcfg).items() if k != "out"}
+
+
 def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablation: bool, log=print):
+    """GRPO from the model as it is, in a fresh out_dir (grpo.train would resume from what is there)
+    -> the held-out learning curve and the settings run."""
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None  # the KL term's reference
     model.requires_grad_(True)
     model.model.visual.requires_grad_(cfg.grpo_vision)
     if cfg.grpo_vision:
         demo.features = None  # the tower changes from here on: run it on the pixels
-    gcfg = grpo.Config(out=str(out_dir), seed=cfg.seed, steps=cfg.grpo_steps, full=True, batch_size=cfg.batch_size,
-                       warmup_steps=cfg.warmup_steps, num_generations=cfg.num_generations, lr=cfg.lr, schedule=cfg.schedule,
-                       beta=cfg.beta, gamma=cfg.gamma, ignore_ties=True, entropy_coef=cfg.entropy_coef, entropy_vocab="12345",
-                       max_new_tokens=cfg.max_new_tokens, credit="sequence" if ablation else "attribute",
-                       weights=[0, 0, 0, 0, 1.0] if ablation else list(reward.DEFAULT_WEIGHTS),
-                       save_every=100, keep=1, eval_every=cfg.eval_every, model="demo")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    gcfg = grpo_settings(cfg, out_dir, ablation)
     sampler = data.Sampler({demo.train[0].dataset: demo.train}, cfg.batch_size, seed=cfg.seed)
     curve = []
 
@@ -424,11 +523,13 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
         m.train()
         return {a: round(result[a], 3) for a in ATTRIBUTES}
 
-    prompts_of = lambda records: demo.prompts(model, processor, demo.indices(records))  # noqa: E731
+    def prompts_of(records):
+        return demo.prompts(model, processor, demo.indices(records))
+
     torch.manual_seed(cfg.seed)
     grpo.train(gcfg, model, processor, sampler, prompts_of=prompts_of, ref_model=ref,
                aux_loss=family_aux_loss(processor, demo, cfg), eval_fn=eval_fn, log=log)
-    return curve
+    return curve, recorded_settings(gcfg)
 
 
 def plot_curve(curves: dict, path: Path) -> None:
@@ -474,24 +575,94 @@ def fit_processor(processor, side: int) -> None:
     processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
 
 
-def write_ladder(folder: Path, demo: Demo, cfg: DemoConfig) -> None:
-    """A held-out photo's scene, clean and at levels 1, 3 and 5 of each family, as PNG files for mgiqa.py."""
-    from PIL import Image
+def ladder_photo(demo: Demo) -> str:
+    """The photo whose ladder the demo writes: a held-out one, or with procedural scenes (where the
+    model saw no photograph at all) synth.HELDOUT_PHOTOS' first."""
+    return (demo.photos["heldout"] or list(synth.HELDOUT_PHOTOS))[0]
 
-    if not demo.photos["heldout"]:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    photo = demo.photos["heldout"][0]
+
+def ladder_images(demo: Demo, cfg: DemoConfig) -> dict:
+    """{file name: uint8 image}: ladder_photo's crop (seed cfg.seed), clean and at levels 1, 3, 5 of each family."""
+    photo, out = ladder_photo(demo), {}
     for family, images in synth.photo_ladder(photo, cfg.image_size, cfg.seed).items():
         for level in (0, 1, 3, 5):
-            name = f"{photo}_clean.png" if level == 0 else f"{photo}_{family}{level}.png"
-            Image.fromarray(images[level]).save(folder / name)
+            out[f"{photo}_clean.png" if level == 0 else f"{photo}_{family}{level}.png"] = images[level]
+    return out
 
 
-def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: str) -> None:
+def write_ladder(folder: Path, demo: Demo, cfg: DemoConfig) -> None:
+    """ladder_images as PNG files for mgiqa.py."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in ladder_images(demo, cfg).items():
+        Image.fromarray(image).save(folder / name)
+
+
+def heldout_rows(texts: list[str], demo: Demo) -> list[dict]:
+    """evaluate.py's result rows for the greedy answers texts on the held-out images."""
+    return [evaluate.result_row(r, {**mgiqa.parse_answer(t), "strict": mgiqa.parse_answer(t, strict=True) is not None,
+                                    "completion": t}, True) for r, t in zip(demo.heldout, texts, strict=True)]
+
+
+PAPER = {"with": 0.798, "without": 0.779}  # the paper's held-out overall SRCC, MG-IQA against no multi-attribute reasoning
+
+
+def comparison_html(summary: dict) -> str:
+    """The report's opening: the paper's comparison, this run's overall SRCC with and without the
+    attribute rewards (after --ablation), beside the paper's."""
+    d = summary.get("ablation_overall_difference")
+    head = "<h2>With and without the attribute rewards (the paper's ablation)</h2>"
+    if not d:
+        return (head + f"<p>Held-out overall SRCC with them: <b>{report.num(summary['final']['overall'])}</b>. Run "
+                "<code>python demo.py --ablation</code> (the same GRPO from the same warm-up, overall-only reward) "
+                "to compare.</p>")
+    verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
+    return (head + "<div class=scroll><table><tr><th></th><th>overall SRCC with attribute rewards</th>"
+            "<th>without (overall-only reward)</th><th>difference [95% bootstrap interval]</th></tr>"
+            f"<tr><td>this run, seed {summary['config']['seed']}, {d['n']} held-out images</td><td>{report.num(d['srcc_a'])}</td>"
+            f"<td>{report.num(d['srcc_b'])}</td><td>{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]</td></tr>"
+            f"<tr><td>the paper (held-out SRCC)</td><td>{PAPER['with']:.3f}</td><td>{PAPER['without']:.3f}</td>"
+            f"<td>{PAPER['with'] - PAPER['without']:+.3f}</td></tr></table></div>"
+            f"<p>This run {verdict} the paper's direction. Everything but the reward weights was the same in the two "
+            "runs (summary.json, \"settings\"); the ablation's attribute scores were not rewarded, so they are "
+            "not compared.</p>")
+
+
+def ladder_html(summary: dict, demo: Demo, cfg: DemoConfig) -> str:
+    """The panel of the ladder of a photograph the model never trained on, with the final model's scores."""
+    panel = summary.get("ladder")
+    if not panel:
+        return ""
+    images = ladder_images(demo, cfg)
+    seen = "trained on procedural scenes only" if cfg.source == "procedural" else "never trained on this photo"
+    photo, levels = panel["photo"], (1, 3, 5)
+    rows = []
+    for family, attribute in mgiqa.FAMILY_TO_ATTRIBUTE.items():
+        names = [f"{photo}_clean.png"] + [f"{photo}_{family}{level}.png" for level in levels]
+        if names[1] not in images:  # a photo without a subject has no composition ladder
+            continue
+        cells = []
+        for name in names:
+            s = panel["scores"][name]
+            src, _ = report.thumbnail(images[name])
+            cells.append(f'<td><img src="{src}" alt="{report.esc(name)}"><br>{attribute} <b>{report.num(s[attribute], 0)}</b>'
+                         f' · overall <b>{report.num(s["overall"], 0)}</b></td>')
+        rows.append(f"<tr><td>{family}</td>{''.join(cells)}</tr>")
+    head = "<tr><th>family</th><th>clean</th>" + "".join(f"<th>level {level}</th>" for level in levels) + "</tr>"
+    figures = summary.get("ladder_srcc", {})
+    within = ", ".join(f"{a} {report.num(figures[a])}" for a in ATTRIBUTES if a in figures)
+    return (f"<h2>Transfer to content never seen: a photograph ({report.esc(panel['photo'])})</h2>"
+            f"<p>The final model ({seen}) scores one crop of the photo, clean and at levels 1, 3 and 5 of each "
+            "distortion family. Within such ladders (the same content at every level; "
+            f"{figures.get('ladders', 0)} ladders of {', '.join(figures.get('photos', []))}) its SRCC is: {within}.</p>"
+            f'<div class=scroll><table class="ladder">{head}{"".join(rows)}</table></div>')
+
+
+def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: str, preface: str = "",
+                   appendix: str = "") -> None:
     """OUT/heldout[_NAME].jsonl (evaluate.py's rows) and OUT/report[_NAME].html for the held-out images."""
-    rows = [evaluate.result_row(r, {**mgiqa.parse_answer(t), "strict": mgiqa.parse_answer(t, strict=True) is not None,
-                                    "completion": t}, True) for r, t in zip(demo.heldout, texts)]
+    rows = heldout_rows(texts, demo)
     suffix = "" if name == "final" else f"_{name}"
     with open(out / f"heldout{suffix}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(report.dumps(row) + "\n" for row in rows)
@@ -500,10 +671,11 @@ def heldout_report(out: Path, texts: list[str], demo: Demo, name: str, title: st
             f'{base64.b64encode(curve.read_bytes()).decode()}">' if curve.is_file() else ""
     report.write_report(out / f"report{suffix}.html", rows, demo.heldout, evaluate.summarize(rows, demo.heldout), title,
                         subtitle=f"{len(rows)} held-out images of {demo.heldout_images[rows[0]['image']].shape[0]} px, "
-                                 f"scenes disjoint from training; greedy answers of the {name} checkpoint",
+                                 f"scenes disjoint from training; greedy answers of the {name} checkpoint, worst-ranked "
+                                 "first",
                         note="The CPU demo's 0.7M-parameter model, trained on 84 px crops with one synthetic distortion "
                              "each: its scores mean something only on such images. For real photos see the README's GPU recipe.",
-                        images=demo.heldout_images, appendix=extra)
+                        images=demo.heldout_images, preface=preface, appendix=appendix + extra)
 
 
 def config(args) -> DemoConfig:
@@ -550,10 +722,14 @@ def main(args) -> int:
         model, processor = mgiqa.load(str(warm_dir), device="cpu")
         rollouts.fast_vision(model)
         demo.cache_features(model)
-        curve = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
+        curve, settings = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
         texts = heldout_answers(model, processor, demo, cfg)
         result = evaluate_heldout(model, processor, demo, cfg, texts)
-        summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {k: result[k] for k in EXTRA}
+        summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {k: result[k] for k in EXTRA}  # no mean: see scores
+        summary.setdefault("settings", {})["ablation"] = settings
+        final_rows = [report.nan_for_null(json.loads(line)) for line in open(out / "heldout.jsonl")]
+        difference = overall_difference(final_rows, heldout_rows(texts, demo), cfg.seed)
+        summary["ablation_overall_difference"] = difference | {"agrees_with_paper": agrees_with_paper(difference["diff"])}
         summary["ablation_seconds"] = time.perf_counter() - t0
         summary.setdefault("curves", {})["ablation"] = curve
     else:
@@ -565,39 +741,59 @@ def main(args) -> int:
         warm = evaluate_heldout(model, processor, demo, cfg)
         log(f"warm-up done at {time.perf_counter() - t0:.0f}s: " + json.dumps({k: round(v, 3) for k, v in warm.items() if not isinstance(v, dict)}))
         curve = [{"step": 0, **{a: warm[a] for a in ATTRIBUTES}}]
-        curve += run_grpo(model, processor, demo, cfg, out / "grpo-run", ablation=False, log=log)
+        more, settings = run_grpo(model, processor, demo, cfg, out / "grpo-run", ablation=False, log=log)
+        curve += more
         model.save_pretrained(out / "final")
         processor.save_pretrained(out / "final")
         texts = heldout_answers(model, processor, demo, cfg)
         final = evaluate_heldout(model, processor, demo, cfg, texts)
         write_ladder(out / "ladder", demo, cfg)
+        summary["ladder"] = ladder_panel(model, processor, demo, cfg)
+        summary["ladder_srcc"] = ladder_figures(model, processor, demo, cfg, demo.photos["heldout"] or synth.HELDOUT_PHOTOS)
         summary.update({"seconds": time.perf_counter() - t0, "config": asdict(cfg), "photos": demo.photos,
-                        "warmup": {a: warm[a] for a in ATTRIBUTES} | {k: warm[k] for k in EXTRA},
-                        "final": {a: final[a] for a in ATTRIBUTES} | {k: final[k] for k in EXTRA}})
-        summary.setdefault("curves", {})["final"] = curve
+                        "warmup": scores(warm), "final": scores(final),
+                        "settings": {"final": settings}})
+        for stale in ("ablation", "ablation_seconds", "ablation_overall_difference"):  # of an earlier warm-up
+            summary.pop(stale, None)
+        summary.setdefault("curves", {}).pop("ablation", None)
+        summary["curves"]["final"] = curve
     report.write_json(summary_path, summary, indent=2)
     plot_curve(summary.get("curves", {}), out / "learning_curve.png")
-    name = "ablation" if args.ablation else "final"
     what = f"held-out crops of photos never seen in training ({', '.join(demo.photos['heldout'])})" \
         if cfg.source == "photos" else "held-out synthetic scenes"
-    heldout_report(out, texts, demo, name, f"MG-IQA demo, seed {cfg.seed}: {what}, {name} checkpoint")
+    final_texts = texts if not args.ablation else [row["completion"] for row in final_rows]
+    heldout_report(out, final_texts, demo, "final", f"MG-IQA demo, seed {cfg.seed}: {what}, final checkpoint",
+                   preface=comparison_html(summary), appendix=ladder_html(summary, demo, cfg))
+    if args.ablation:
+        heldout_report(out, texts, demo, "ablation", f"MG-IQA demo, seed {cfg.seed}: {what}, ablation checkpoint "
+                       "(overall-only reward: its attribute scores were not rewarded)")
     print_table(summary, log)
     return 0
 
 
 def print_table(summary: dict, log=print) -> None:
-    log("held-out SRCC; nan = no ranking: the same greedy answer for every image, or no such score (counted as 0 in the mean)")
-    log(f"{'':14s} " + " ".join(f"{a:>11s}" for a in ATTRIBUTES) + "        mean")
-    for name in ("warmup", "final", "ablation"):
+    log("held-out SRCC; nan = no ranking: the same greedy answer for every image, or no such score "
+        "(counted as 0 in the mean, the five's mean)")
+    log(f"{'':14s} " + " ".join(f"{a:>12s}" for a in ATTRIBUTES) + "         mean")
+    for name in ("warmup", "final"):
         if name in summary:
             m = summary[name]
-            log(f"{name:14s} " + " ".join(f"{m[a]:11.3f}" for a in ATTRIBUTES) + f" {attribute_mean(m):11.3f}")
+            log(f"{name:14s} " + " ".join(f"{m[a]:12.3f}" for a in ATTRIBUTES) + f" {mean_srcc(m):12.3f}")
+    if "ablation" in summary:  # its attributes had no reward: their figures are no comparison
+        log(f"{'ablation':14s} " + " ".join(f"{'not rewarded':>12s}" for a in ATTRIBUTES[:-1])
+            + f" {summary['ablation']['overall']:12.3f}")
+    d = summary.get("ablation_overall_difference")
+    if d:
+        verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
+        log(f"overall SRCC with - without the attribute rewards: {d['diff']:+.3f} (95% bootstrap interval "
+            f"{d['low']:+.3f} to {d['high']:+.3f}, {d['n']} held-out images); {verdict} the paper's direction "
+            "(.798 -> .779 without)")
     log("(all): attributes over all held-out images; (ov): the overall digit in each attribute's place, within family")
     for key, tag in (("all_images", "all"), ("overall_as_attribute", "ov")):
-        for name in ("warmup", "final", "ablation"):
+        for name in ("warmup", "final"):
             if name in summary and key in summary[name]:
                 m = summary[name][key]
-                log(f"{name + f' ({tag})':14s} " + " ".join(f"{m.get(a, float('nan')):11.3f}" for a in ATTRIBUTES[:-1]))
+                log(f"{name + f' ({tag})':14s} " + " ".join(f"{m.get(a, float('nan')):12.3f}" for a in ATTRIBUTES[:-1]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -605,9 +801,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data draw (default 0)")
     ap.add_argument("--ablation", action="store_true",
-                    help="overall-only reward, one advantage per completion, from OUT/warmup (run without it first)")
+                    help="the same GRPO from OUT/warmup with the overall-only reward (run without it first); "
+                         "prints the paired overall SRCC difference")
     ap.add_argument("--source", choices=("photos", "procedural"), default=DemoConfig.source,
-                    help="scenes: crops of the seven photographs in assets/photos (default), or procedural waves")
+                    help="scenes: procedural waves (default), or crops of the seven photographs in assets/photos")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     return ap.parse_args(argv)
 

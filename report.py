@@ -87,6 +87,7 @@ th,td{border:1px solid #dde1e8;padding:3px 9px;text-align:right}th{background:#e
 .gt{position:absolute;top:-3px;bottom:-3px;width:2px;margin-left:-1px;background:#1d2330}
 .val{text-align:right;font-variant-numeric:tabular-nums}.why{font-size:12px;background:#f6f7f9;border-radius:4px;padding:4px 6px;margin:0}
 details{font-size:11px;color:#566074}pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:4px 0}
+.ladder td{text-align:center;vertical-align:top;font-size:12px}.ladder img{width:112px;height:112px;image-rendering:pixelated}
 .legend{font-size:12px;color:#566074}.legend .gt{position:relative;display:inline-block;height:12px;top:2px}
 """
 
@@ -99,11 +100,11 @@ cards.forEach(function(c){grid.appendChild(c);});}
 """
 
 
-def _esc(text) -> str:
+def esc(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _num(v, digits: int = 3) -> str:
+def num(v, digits: int = 3) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
@@ -175,7 +176,7 @@ def scatter_svg(pred, gt, title: str, width: int = 226, height: int = 210) -> st
     px = left + (x + jx - lo) / (hi - lo) * pw
     py = top + ph - (np.clip(y + jy, 0.6, 5.4) - 0.6) / 4.8 * ph
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="{_esc(title)}"><text x="{left}" y="16" font-size="12" font-weight="600">{_esc(title)}</text>',
+             f'aria-label="{esc(title)}"><text x="{left}" y="16" font-size="12" font-weight="600">{esc(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#c5cad3"/>']
     for s in range(1, 6):
         yy = top + ph - (s - 0.6) / 4.8 * ph
@@ -196,8 +197,8 @@ def _table(summary_entry: dict) -> str:
     within = summary_entry.get("within_family", {})
     head = "<tr><th>attribute</th><th>SRCC</th><th>KRCC</th><th>PLCC</th><th>PLCC raw</th><th>n</th><th>unparsed</th>" + \
            ("<th>SRCC within family</th>" if within else "") + "</tr>"
-    body = [f"<tr><td>{a}</td>" + "".join(f"<td>{_num(m[k])}</td>" for k in ("srcc", "krcc", "plcc", "plcc_raw")) +
-            f"<td>{m['n']}</td><td>{m['n_nan']}</td>" + (f"<td>{_num(within[a]) if a in within else '-'}</td>" if within else "")
+    body = [f"<tr><td>{a}</td>" + "".join(f"<td>{num(m[k])}</td>" for k in ("srcc", "krcc", "plcc", "plcc_raw")) +
+            f"<td>{m['n']}</td><td>{m['n_nan']}</td>" + (f"<td>{num(within[a]) if a in within else '-'}</td>" if within else "")
             + "</tr>"
             for a, m in summary_entry["metrics"].items()]
     return f"<div class=scroll><table>{head}{''.join(body)}</table></div>"
@@ -208,8 +209,8 @@ def _overview(summary: dict) -> str:
     head = "<tr><th>dataset</th><th>images</th><th>unparsed</th>" + "".join(f"<th>{a} SRCC</th>" for a in columns) + "</tr>"
     body = []
     for name, d in summary["datasets"].items():
-        cells = "".join(f"<td>{_num(d['metrics'][a]['srcc']) if a in d['metrics'] else '-'}</td>" for a in columns)
-        body.append(f'<tr><td><a href="#{_anchor(name)}">{_esc(name)}</a></td><td>{d["n"]}</td>'
+        cells = "".join(f"<td>{num(d['metrics'][a]['srcc']) if a in d['metrics'] else '-'}</td>" for a in columns)
+        body.append(f'<tr><td><a href="#{_anchor(name)}">{esc(name)}</a></td><td>{d["n"]}</td>'
                     f'<td>{d["parse_failures"]}</td>{cells}</tr>')
     return f"<div class=scroll><table>{head}{''.join(body)}</table></div>"
 
@@ -236,9 +237,9 @@ def order(rows) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
 def card(i: int, row: dict, rec, scales: dict, err: float, rank_p: float, rank_m: float, n_ranked: int, image) -> str:
     try:
         src, small = thumbnail(image)
-        img = f'<img src="{src}" alt="{_esc(os.path.basename(row["image"]))}"{" class=small" if small else ""}>'
+        img = f'<img src="{src}" alt="{esc(os.path.basename(row["image"]))}"{" class=small" if small else ""}>'
     except (OSError, ValueError) as error:
-        img = f'<div class="why">image not readable: {_esc(error)}</div>'
+        img = f'<div class="why">image not readable: {esc(error)}</div>'
     bars = []
     for a in ATTRIBUTES:
         s, g = row[a], _truth(row, a)
@@ -259,18 +260,18 @@ def card(i: int, row: dict, rec, scales: dict, err: float, rank_p: float, rank_m
     why = reasoning_text(row.get("completion", "")) or "(no reasoning given)"
     where = "" if rec is None else " · clean" if rec.family is None and rec.level == 0 else \
         f" · {rec.family} level {rec.level}" if rec.family and rec.level else f" · {rec.family}" if rec.family else ""
-    return (f'<figure class="card{"" if parsed else " unparsed"}" data-index="{i}" data-image="{_esc(row["image"])}" '
+    return (f'<figure class="card{"" if parsed else " unparsed"}" data-index="{i}" data-image="{esc(row["image"])}" '
             f'data-err="{err if math.isfinite(err) else (2 if not parsed else -1)}" data-overall="{row["overall"]!r}" '
-            f'data-mos="{row["mos"]!r}">{img}<div class="name">{_esc(os.path.basename(row["image"]))}{_esc(where)}</div>'
+            f'data-mos="{row["mos"]!r}">{img}<div class="name">{esc(os.path.basename(row["image"]))}{esc(where)}</div>'
             f'<div class="rank">{rank}</div><div class="bars">{"".join(bars)}</div>'
-            f'<p class="why">{_esc(why)}</p><details><summary>raw answer</summary><pre>{_esc(row.get("completion", ""))}'
+            f'<p class="why">{esc(why)}</p><details><summary>raw answer</summary><pre>{esc(row.get("completion", ""))}'
             f"</pre></details></figure>")
 
 
 def dataset_section(name: str, rows: list[dict], recs: list, entry: dict, images=None, max_images: int | None = None) -> str:
     scales = {a: gt_scale([_truth(r, a) for r in rows]) for a in ATTRIBUTES}
     charts = [scatter_svg([r[a] for r in rows], [_truth(r, a) for r in rows],
-                          f"{a}: SRCC {_num(entry['metrics'][a]['srcc'])}") for a in ATTRIBUTES if a in entry["metrics"]]
+                          f"{a}: SRCC {num(entry['metrics'][a]['srcc'])}") for a in ATTRIBUTES if a in entry["metrics"]]
     idx, err, rank_p, rank_m = order(rows)
     shown = idx if max_images is None else idx[:max_images]
     n_ranked = int(np.isfinite(err).sum())
@@ -278,7 +279,7 @@ def dataset_section(name: str, rows: list[dict], recs: list, entry: dict, images
                   images[rows[i]["image"]] if images is not None else rows[i]["image"]) for i in shown]
     ranges = ", ".join(f"{a} {lo:.3g}-{hi:.3g}" for a, (lo, hi) in scales.items() if (lo, hi) != (1.0, 5.0))
     grid_id = _anchor(name) + "-grid"
-    return (f'<section id="{_anchor(name)}"><h2>{_esc(name)}</h2><p class="sub">{entry["n"]} images, '
+    return (f'<section id="{_anchor(name)}"><h2>{esc(name)}</h2><p class="sub">{entry["n"]} images, '
             f'{entry["parse_failures"]} without a parsable overall score, strict layout {entry["strict_rate"]:.0%}</p>'
             f'{_table(entry)}<div class="charts">{"".join(charts)}</div>'
             f'<div class="tools">Images{"" if len(shown) == len(rows) else f" (the {len(shown)} worst-ranked of {len(rows)})"}, '
@@ -291,12 +292,12 @@ def dataset_section(name: str, rows: list[dict], recs: list, entry: dict, images
 
 
 def html_report(rows, records, summary, title: str, subtitle: str = "", note: str = "", images=None,
-                max_images: int | None = None, appendix: str = "") -> str:
+                max_images: int | None = None, appendix: str = "", preface: str = "") -> str:
     """The page as a string. rows: evaluate.py's result rows; records: theirs (a card names the
     family and level of its row's record, matched by dataset and image); summary:
     evaluate.summarize's, whose metrics the tables and chart titles show; images: optional
-    {row image: array or PIL image} for images held in memory (the demo's); appendix: HTML placed
-    after the datasets."""
+    {row image: array or PIL image} for images held in memory (the demo's); preface: HTML placed
+    before the overview table; appendix: HTML placed after the datasets."""
     by_key = {(r.dataset, r.image): r for r in records}
     recs = [by_key.get((row["dataset"], row["image"])) for row in rows]
     sections = []
@@ -305,9 +306,9 @@ def html_report(rows, records, summary, title: str, subtitle: str = "", note: st
         sections.append(dataset_section(name, [rows[i] for i in pick], [recs[i] for i in pick],
                                         summary["datasets"][name], images, max_images))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>{_esc(title)}</title><style>{CSS}</style></head>'
-            f'<body><main><h1>{_esc(title)}</h1><p class="sub">{_esc(subtitle)}</p>'
-            f'{f"<p class=note>{_esc(note)}</p>" if note else ""}{_overview(summary)}{"".join(sections)}{appendix}'
+            f'content="width=device-width,initial-scale=1"><title>{esc(title)}</title><style>{CSS}</style></head>'
+            f'<body><main><h1>{esc(title)}</h1><p class="sub">{esc(subtitle)}</p>'
+            f'{f"<p class=note>{esc(note)}</p>" if note else ""}{preface}{_overview(summary)}{"".join(sections)}{appendix}'
             f"</main><script>{SORT_JS}</script></body></html>\n")
 
 

@@ -4,6 +4,7 @@ GRPO must raise the held-out SRCC above the warm-up checkpoint's; the warm-up ne
 The full demo (`python demo.py`) is the README's first command; this is its smoke version. A tiny
 variant (seconds) checks what every run writes: strict JSON, report.html, the sized checkpoint."""
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -15,8 +16,10 @@ import pytest
 
 import data
 import demo
+import grpo
 import mgiqa
 import report
+import synth
 from conftest import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,13 +93,26 @@ def test_tiny_demo_writes_strict_json_report_and_sized_checkpoint(tmp_path, monk
     run_demo_here(tmp_path / "demo", tiny, monkeypatch)
     summary = check_outputs(tmp_path / "demo", 40)
     assert summary["config"]["grpo_steps"] == 4 and math.isnan(summary["final"]["overall"])  # NaN came back from null
-    photos = summary["photos"]  # the default source: crops of photographs, held out by photo
-    assert photos["train"] and photos["heldout"] and not set(photos["train"]) & set(photos["heldout"])
+    assert summary["config"]["source"] == "procedural" and summary["photos"] == {"train": [], "heldout": []}
     ladder = sorted(p.name for p in (tmp_path / "demo" / "ladder").glob("*.png"))
-    assert len(ladder) == 13 and ladder[0].startswith(photos["heldout"][0])  # clean + 4 families x levels 1, 3, 5
+    # clean + 4 families x levels 1, 3, 5 of a photo: with procedural scenes, none was trained on
+    assert len(ladder) == 13 and ladder[0].startswith(synth.HELDOUT_PHOTOS[0])
+    assert "ablation" not in summary["settings"]
     run_demo_here(tmp_path / "demo", tiny, monkeypatch, "--ablation")
     assert strict_json_files(tmp_path / "demo") and (tmp_path / "demo" / "report_ablation.html").is_file()
-    assert "ablation" in json.loads((tmp_path / "demo" / "summary.json").read_text())
+    summary = report.nan_for_null(json.loads((tmp_path / "demo" / "summary.json").read_text()))
+    final, ablation = summary["settings"]["final"], summary["settings"]["ablation"]
+    assert set(final) == set(ablation) and "out" not in final
+    # the fair ablation: the same GRPO settings but for the reward weights, overall-only there
+    reward_keys = {f.name for f in dataclasses.fields(grpo.Config) if f.metadata["group"] == "reward"}
+    assert {k for k in final if final[k] != ablation[k]} == {"weights"} <= reward_keys
+    assert final["weights"] == list(demo.DemoConfig.weights) and final["credit"] == ablation["credit"] == "attribute"
+    assert ablation["weights"] == [0.0, 0.0, 0.0, 0.0, 1.0] and final["entropy_coef"] == ablation["entropy_coef"] > 0
+    assert set(summary["ablation_overall_difference"]) >= {"diff", "low", "high", "agrees_with_paper"}
+    assert "mean" in summary["final"] and "mean" not in summary["ablation"]  # the ablation's attributes had no reward
+    run_demo_here(tmp_path / "demo", tiny, monkeypatch)  # a new warm-up: the old ablation is no longer its own
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert "ablation" not in summary and "ablation" not in summary["settings"]
     # any photo is scaled to about the demo's image size (720 x 477 -> 84 x 56), whatever mgiqa.load's own cap
     _, processor = mgiqa.load(str(tmp_path / "demo" / "final"), device="cpu")
     from PIL import Image
@@ -111,7 +127,8 @@ def test_reduced_demo_grpo_beats_warmup(tmp_path):
     summary = check_outputs(out, 240)
     warm, final = summary["warmup"], summary["final"]
     print("warm-up", warm, "final", final)
-    assert demo.attribute_mean(final) > demo.attribute_mean(warm) + 0.05, (warm, final)  # a constant answer (NaN SRCC) counts as 0
+    assert demo.mean_srcc(final) > demo.mean_srcc(warm) + 0.05, (warm, final)  # a constant answer (NaN SRCC) counts as 0
+    assert final["mean"] == pytest.approx(demo.mean_srcc(final))  # summary.json's "mean" is the five's
     assert (out / "learning_curve.png").is_file() and (out / "final" / "config.json").is_file()
     model, processor = mgiqa.load(str(out / "final"), device="cpu")  # the final checkpoint opens as a plain model
     assert model.config.model_type == "qwen2_5_vl"
@@ -194,7 +211,7 @@ def test_procedural_scenes_join_training_only_and_heldout_photos_are_chosen():
     photos every held-out crop comes from, and training never sees them."""
     _, processor = mgiqa.load("demo", device="cpu")
     demo.fit_processor(processor, 84)
-    cfg = demo.DemoConfig(n_train=200, n_heldout=40, procedural=50, heldout_photos="coffee,ihc")
+    cfg = demo.DemoConfig(source="photos", n_train=200, n_heldout=40, procedural=50, heldout_photos="coffee,ihc")
     d = demo.Demo(cfg, processor, log=lambda msg: None)
     assert d.photos == {"train": ["astronaut", "chelsea", "hubble_deep_field", "retina", "rocket"], "heldout": ["coffee", "ihc"]}
     assert sum(r.dataset == "synthetic" for r in d.train) == 50 and len(d.train) == 250
@@ -227,3 +244,28 @@ def test_probe_script_logs_the_heldout_confusion(monkeypatch, capsys):
     monkeypatch.setenv("MGIQA_DEMO", json.dumps({"probe_step": 3}))
     with pytest.raises(SystemExit, match="probe_step"):
         demo.config(demo.parse_args([]))
+
+
+def test_overall_difference_is_paired_with_a_bootstrap_interval():
+    """With a perfect ranking against a noisy one the difference is their SRCCs' difference, its
+    interval holds it and lies above 0; swapped, the sign and the paper's direction turn."""
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(1, 5, 120)
+    noisy = mos + rng.normal(0, 1.0, mos.size)
+
+    def rows(pred):
+        return [{"dataset": "demo", "image": f"i{i}", "overall": float(p), "mos": float(m), "labels": {}}
+                for i, (p, m) in enumerate(zip(pred, mos, strict=True))]
+
+    d = demo.overall_difference(rows(mos), rows(noisy), seed=0, n=300)
+    import evaluate
+    assert d["diff"] == pytest.approx(1.0 - evaluate.srcc(noisy, mos)) and d["srcc_a"] == pytest.approx(1.0)
+    assert 0 < d["low"] <= d["diff"] <= d["high"] and d["n"] == 120 and demo.agrees_with_paper(d["diff"])
+    back = demo.overall_difference(rows(noisy), rows(mos), seed=0, n=300)
+    assert back["diff"] == pytest.approx(-d["diff"]) and back["high"] < 0 and not demo.agrees_with_paper(back["diff"])
+
+
+def test_mean_is_the_five_with_a_constant_answer_as_zero():
+    m = dict(zip(mgiqa.ATTRIBUTES, (0.9, 0.8, math.nan, 0.7, 0.6)))
+    assert demo.mean_srcc(m) == pytest.approx((0.9 + 0.8 + 0.7 + 0.6) / 5)
+    assert demo.overall_only((1.0, 2.0, 3.0, 4.0, 0.5)) == (0.0, 0.0, 0.0, 0.0, 0.5)
