@@ -18,17 +18,18 @@ the family's real processor (tests/fixtures) and images of the sizes gpu_check.p
 (force_length), so shapes do not depend on when a random model writes EOS. The optimizer state and
 the previous step's gradients exist from the start, as in every step after the first.
 
-Matrix products and attention kernels return zeros of their true shape, dtype and strides instead of
-computing (--exact computes them): the bytes are the same (a test checks it on the tiny models),
-and a real-width step then takes a minute on 2 cores instead of hours. Values are meaningless.
+Matrix products and attention kernels allocate their outputs (true shape, dtype and strides) without
+computing them, and the weights are not written (--exact computes and writes them): the bytes are the
+same (a test checks it on the tiny models), and a real-width step takes a minute or two on 2 cores
+instead of hours. Values are garbage; no shape depends on them (force_length).
 
 Extrapolation: a phase's peak, split by what is alive at that moment (weights, gradients, optimizer
 state, KV cache, activations: everything else, inputs included), is measured at three depths, (L1,
 V1), (L2, V1), (L1, V2) language layers / vision blocks, and is taken as linear in each: per layer
 and per block slopes from the two differences. With --batch-points b1 b2 the same at two batch sizes,
 and linear in B between them (the images: b-1 small and one big). The output says which figures were
-measured and which extrapolated. FLOPs (torch.utils.flop_counter.FlopCounterMode on the same step)
-extrapolate the same way; seconds = FLOPs / (--mfu x --peak-tflops), an estimate, not a measurement.
+measured and which extrapolated. FLOPs (each op's formula from torch.utils.flop_counter, the table
+FlopCounterMode counts with, on the same step) extrapolate the same way; seconds = FLOPs / (--mfu x --peak-tflops), an estimate, not a measurement.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ import weakref
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -75,6 +77,13 @@ SKIPPED = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.d
            aten._scaled_dot_product_flash_attention_for_cpu.default,
            aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
            aten.convolution.default, aten.convolution_backward.default}
+# FLOPs per op: torch.utils.flop_counter's formulas (what FlopCounterMode counts with), counted in
+# LiveBytes' own dispatch (one Python mode, not two: half the overhead); its flash-attention formulas
+# for the CPU's flash kernels, which its table lacks
+FLOPS = dict(flop_counter.flop_registry)
+FLOPS[aten._scaled_dot_product_flash_attention_for_cpu] = FLOPS[aten._scaled_dot_product_flash_attention]
+FLOPS[aten._scaled_dot_product_flash_attention_for_cpu_backward] = FLOPS[
+    aten._scaled_dot_product_flash_attention_backward]
 
 
 # ----------------------------------------------------------------------------- counting live bytes
@@ -89,7 +98,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.skip_compute, self.live = skip_compute, {}  # data_ptr -> [bytes, kind]
         self.by_kind = collections.Counter()
-        self.total = self.peak = 0
+        self.total = self.peak = self.flops = 0
         self.at_peak: dict = {}
 
     def add(self, tensor, kind: str = "activations") -> None:
@@ -127,7 +136,10 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = zeros_like_result(func, args, kwargs) if self.skip_compute and func in SKIPPED else func(*args, **kwargs)
+        out = empty_result(func, args, kwargs) if self.skip_compute and func in SKIPPED else func(*args, **kwargs)
+        count = FLOPS.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
@@ -137,16 +149,15 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def zeros_like_result(func, args, kwargs):
-    """func's outputs as zeros of their true shape, dtype and strides (from its meta kernel)."""
+def empty_result(func, args, kwargs):
+    """func's outputs, allocated with their true shape, dtype and strides (from its meta kernel) and
+    not written: values are garbage, bytes are right. The LM head is such a product, so sampled
+    tokens come from garbage logits: rollouts.sample_tokens still returns an id in the vocabulary."""
     def meta(t):
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
 
     def real(t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).zero_()
-    device = next(t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) if isinstance(t, torch.Tensor) else t
     return tree_map(real, func(*tree_map(meta, args), **tree_map(meta, kwargs)))
 
 
@@ -192,9 +203,10 @@ def parameters_on_meta():
         torch.nn.Module.register_parameter = register
 
 
-def random_model(config, dtype: torch.dtype, seed: int = 0):
+def random_model(config, dtype: torch.dtype, seed: int = 0, written: bool = True):
     """config's model with random weights in dtype on the CPU (normal 0.02 for matrices, norms 1,
-    biases 0, as gpu_check.build); tied weights stay one tensor."""
+    biases 0, as gpu_check.build; written=False leaves matrices unwritten, for steps whose products
+    are not computed); tied weights stay one tensor."""
     from transformers import AutoModelForImageTextToText
 
     with parameters_on_meta():
@@ -208,7 +220,8 @@ def random_model(config, dtype: torch.dtype, seed: int = 0):
                 new = torch.empty(p.shape, dtype=dtype)
                 with torch.no_grad():
                     if p.dim() >= 2:
-                        new.normal_(0.0, 0.02, generator=g)
+                        if written:
+                            new.normal_(0.0, 0.02, generator=g)
                     else:
                         new.fill_(0.0 if name == "bias" else 1.0)
                 made[id(p)] = torch.nn.Parameter(new, requires_grad=p.requires_grad)
@@ -240,11 +253,11 @@ def base_config(model_arg: str):
 
 
 @contextlib.contextmanager
-def loading(config, processor, seed: int):
+def loading(config, processor, seed: int, written: bool = True):
     """grpo.build_model's mgiqa.load, for the duration, builds config's random model instead of
     reading a checkpoint (then processor pixel cap and padding as mgiqa.load sets them)."""
     def load(name_or_path, device="auto", dtype="auto", adapter=None, max_pixels=0, seed_=seed, **kw):
-        model = random_model(config, getattr(torch, dtype), seed)
+        model = random_model(config, getattr(torch, dtype), seed, written)
         processor.tokenizer.padding_side = "left"
         ip = processor.image_processor
         mgiqa.cap_pixels(ip, mgiqa.default_max_pixels(ip) if max_pixels == 0 else max_pixels)
@@ -284,12 +297,10 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
             exact: bool = False) -> dict:
     """One grpo_step of config at (layers, vision) depth on b images: per phase the peak live bytes
     (and per kind at that moment), the FLOPs and the CPU seconds."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     cfg = dataclasses.replace(cfg, batch_size=b)
     reduced = architectures.with_depth(config, layers, vision)
     torch.manual_seed(cfg.seed)
-    with loading(reduced, processor, cfg.seed):
+    with loading(reduced, processor, cfg.seed, written=exact):
         model, processor, ref = grpo.build_model(cfg)
     labels = torch.tensor(np.random.default_rng(0).uniform(1, 5, (len(ATTRIBUTES), b)))
     P, M = (torch.stack(t) for t in zip(*(preference_matrix(y) for y in labels)))
@@ -304,7 +315,7 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
     tokens = grpo.Tokens.resolve(cfg, model, processor)
     prompts = rollouts.encode_prompts(model, processor, images_for(layout, b), mgiqa.prompt_text(processor, cfg.thinking))
 
-    tracker, flops = LiveBytes(skip_compute=not exact), FlopCounterMode(display=False)
+    tracker = LiveBytes(skip_compute=not exact)
     for m in (model, *([] if ref is None else [distributed.unwrap(ref)])):
         for t in (*m.parameters(), *m.buffers()):
             tracker.add(t, "weights")
@@ -321,14 +332,14 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
     class Counted(grpo.Phases):
         def end(self, name):
             super().end(name)
-            total = flops.get_total_flops()
+            total = tracker.flops
             figures[name] = {**tracker.close(), "flops": total - clock[1], "cpu_s": time.perf_counter() - clock[0]}
             clock[:] = [time.perf_counter(), total]
 
     original, grpo.Phases = grpo.Phases, Counted
     try:
         tracker.close()  # the step starts from what is alive now
-        with tracker, kv_cache_counted(tracker), flops:
+        with tracker, kv_cache_counted(tracker):
             stats = grpo.grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens, ref=ref)
     finally:
         grpo.Phases = original
