@@ -6,6 +6,7 @@ checkpointing, --merge), then evaluate.main on the merged checkpoint. Prints one
     python scripts/gpu_check.py --config qwen3-vl-4b -B 4 -K 6 --max-pixels 262144 --micro-batch 2   # the 24 GB recipe
     python scripts/gpu_check.py --model /ckpt/Qwen2.5-VL-7B-Instruct  # real weights from a local folder
     python scripts/gpu_check.py --config tiny-qwen2.5-vl     # the same code on the CPU (the test suite runs it)
+    python scripts/gpu_check.py --predicted docs/fit/qwen2.5-vl-7b-b8.json   # fit.py's prediction beside the measurement
 
 The model: with --model, a local checkpoint; otherwise the architecture of --config built from its
 published config.json values (written out below) with random weights in bf16 (normal 0.02, norms 1)
@@ -37,66 +38,29 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # architectures.py
 
+import architectures  # noqa: E402  (scripts/, this file's folder)
 import evaluate  # noqa: E402
 import grpo  # noqa: E402
 import tiny  # noqa: E402
 
-# Published config.json values of each architecture (text model, vision tower). Special-token ids
-# and the processor come from the family's fixture (tiny.real_processor), as in the real checkpoints.
-QWEN25_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0})
-QWEN25_VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                        fullatt_block_indexes=[7, 15, 23, 31])
-QWEN3_ROPE = {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True, "rope_theta": 5000000.0}
-QWEN3_TEXT = {
-    "qwen3-vl-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    "qwen3-vl-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "qwen3-vl-2b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-}
-QWEN3_VISION = {
-    "qwen3-vl-8b": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24]),
-    "qwen3-vl-4b": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17]),
-    "qwen3-vl-2b": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17]),
-}
-CONFIGS = ("qwen2.5-vl-7b", *QWEN3_TEXT, "tiny-qwen2.5-vl", "tiny-qwen3-vl")
+# The architectures (published config.json values, and where they come from): scripts/architectures.py,
+# the one place that both this script and scripts/fit.py read.
+CONFIGS = architectures.NAMES
 
 
 def build(name: str, device: torch.device, out: str) -> None:
     """The architecture `name` with random bf16 weights and its family's real processor, saved to `out`."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    if name.startswith("tiny-"):
+    if name in architectures.TINY:
         tiny.save(name, out, seed=0)
         return
-    family = "tiny-qwen2.5-vl" if name.startswith("qwen2.5") else "tiny-qwen3-vl"
-    processor = tiny.real_processor(family)
-    ids = {k: processor.tokenizer.convert_tokens_to_ids(t) for k, t in (
-        ("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("start", "<|vision_start|>"), ("end", "<|vision_end|>"),
-        ("eos", "<|im_end|>"), ("pad", "<|endoftext|>"))}
-    special = dict(bos_token_id=ids["pad"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-    tokens = dict(image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["start"],
-                  vision_end_token_id=ids["end"])
-    if name == "qwen2.5-vl-7b":
-        config = Qwen2_5_VLConfig(text_config={**QWEN25_TEXT_7B, **special}, vision_config=QWEN25_VISION_7B,
-                                  tie_word_embeddings=False, **tokens, **special)
-        cls = Qwen2_5_VLForConditionalGeneration
-    else:
-        text = {**QWEN3_TEXT[name], "vocab_size": 151936, "rope_parameters": QWEN3_ROPE, "max_position_embeddings": 262144,
-                "rms_norm_eps": 1e-6, **special}
-        vision = {**QWEN3_VISION[name], "out_hidden_size": text["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
-                  "temporal_patch_size": 2, "num_position_embeddings": 2304}
-        config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
-                               **tokens, **special)
-        cls = Qwen3VLForConditionalGeneration
+    processor = tiny.real_processor(architectures.family(name))
+    config = architectures.published(name)
     with torch.device("meta"):
-        model = cls(config)
+        model = AutoModelForImageTextToText.from_config(config)
     model = model.to(torch.bfloat16).to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -106,7 +70,8 @@ def build(name: str, device: torch.device, out: str) -> None:
             else:
                 p.fill_(0.0 if pname.endswith("bias") else 1.0)
     gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = ids["pad"], ids["eos"], ids["pad"]
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = (architectures.SPECIAL[k] for k in
+                                                         ("bos_token_id", "eos_token_id", "pad_token_id"))
     model.save_pretrained(out)  # rope buffers are not saved: from_pretrained rebuilds them
     processor.save_pretrained(out)
 
@@ -142,6 +107,40 @@ def language_parameters(model_dir: str) -> int:
     return c.num_hidden_layers * (attn + mlp) + c.hidden_size * c.vocab_size  # + the LM head
 
 
+# what a fit.py prediction must share with this run to be compared with it (fit.py's JSON "config")
+MATCHED = {"batch_size": "-B", "num_generations": "-K", "max_new_tokens": "--max-new-tokens",
+           "max_pixels": "--max-pixels", "micro_batch": "--micro-batch"}
+
+
+def load_prediction(path: str, args) -> dict:
+    """fit.py --json-out's file, checked to describe this run (architecture, batch, tokens, pixels,
+    micro-batch, images, LoRA rank 64 with gradient checkpointing in bf16); an error names what differs."""
+    with open(path) as f:
+        pred = json.load(f)
+    cfg, want = pred["config"], {"batch_size": args.batch_size, "num_generations": args.num_generations,
+                                 "max_new_tokens": args.max_new_tokens, "max_pixels": args.max_pixels,
+                                 "micro_batch": args.micro_batch}
+    bad = [f"{MATCHED[k]} {want[k]} (the prediction's {cfg[k]})" for k in MATCHED if cfg[k] != want[k]]
+    bad += [f"--config {args.config} (the prediction's {pred['model']})"] * (pred["model"] != (args.model or args.config))
+    bad += [f"images {pred['images']} (this script trains on gpu_check's)"] * (pred["images"] != "gpu_check")
+    bad += ["the prediction is not LoRA rank 64 with gradient checkpointing in bf16"] * (
+        cfg["full"] or cfg["lora_rank"] != 64 or not cfg["gradient_checkpointing"] or cfg["dtype"] != "bfloat16")
+    if bad:
+        raise SystemExit(f"gpu_check.py: --predicted {path} is for another configuration: " + "; ".join(bad))
+    return pred
+
+
+def predicted_vs_measured(pred: dict, phases: dict) -> dict:
+    """Per phase fit.py's predicted GiB beside the step's measured max_memory_allocated GiB."""
+    out = {}
+    for name, f in pred["predicted"].items():
+        measured = phases.get(name, {}).get("peak_gib")
+        predicted = f["peak"] / 2**30
+        out[name] = {"predicted_gib": round(predicted, 2), "measured_gib": None if measured is None else round(measured, 2),
+                     "measured_over_predicted": None if measured is None else round(measured / predicted, 3)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Timed GRPO steps and evaluation of a Qwen-VL through grpo.main and evaluate.main.")
     ap.add_argument("--config", choices=CONFIGS, default="qwen2.5-vl-7b", help="architecture to build with random weights")
@@ -153,8 +152,11 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=0, help="images per training forward (0: all B)")
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps (the first includes warm-up costs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for the MFU estimate (H100/H200: 989)")
+    ap.add_argument("--predicted", default=None, help="fit.py --json-out's file for this configuration: "
+                    "prints its per-phase peaks beside the measured ones (every completion then runs the whole budget)")
     ap.add_argument("--work", default=None, help="folder for the model, data and runs (default: a temporary one)")
     args = ap.parse_args(argv)
+    pred = load_prediction(args.predicted, args) if args.predicted else None
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda, work, t0 = device.type == "cuda", args.work or tempfile.mkdtemp(prefix="gpu_check_"), time.perf_counter()
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
     code = grpo.main(["--model", model_dir, "--data", f"manifest={os.path.join(work, 'data')}", "--out", run,
                       "--steps", str(args.steps), "-B", str(B), "-K", str(K), "--max-new-tokens", str(T),
                       "--max-pixels", str(args.max_pixels), "--micro-batch", str(args.micro_batch), "--gradient-checkpointing", "--dtype", "bfloat16" if cuda else "float32",
-                      "--save-every", "1", "--keep", "1", "--merge", merged])
+                      "--save-every", "1", "--keep", "1", "--merge", merged,
+                      *(["--force-length"] if pred else [])])  # fit.py's shapes: every completion the whole budget
     if code:
         raise SystemExit(f"gpu_check.py: grpo.main exited {code}")
     steps = [json.loads(ln) for ln in open(os.path.join(run, "log.jsonl"))]
@@ -185,6 +188,9 @@ def main(argv=None) -> int:
               "completion_tokens": s["length"], "phases": {k: {q: round(v, 2) for q, v in p.items()} for k, p in s["phases"].items()},
               "tokens_per_s": round((prompt_rows + generated) / seconds, 1),
               "mfu_estimate": round(flops / (seconds * args.peak_tflops * 1e12), 4) if cuda else None})
+    if pred:  # the last step: optimizer state and gradients already there, as fit.py measures
+        emit({"event": "fit", "step": steps[-1]["step"], "fit_file": args.predicted,
+              "phases": predicted_vs_measured(pred, steps[-1]["phases"])})
     emit({"event": "train", "seconds": round(time.perf_counter() - t, 1), "steps": len(steps), "B": B, "K": K,
           "max_new_tokens": T, "language_parameters": N})
     t = time.perf_counter()

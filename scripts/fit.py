@@ -1,0 +1,557 @@
+"""Will it fit my GPU? The peak bytes of live tensors of one GRPO step (grpo.grpo_step, the real one),
+per phase, measured on the CPU at the model's real width and reduced depth, extrapolated linearly to
+the full depth (and batch), against --gpu-memory.
+
+    python scripts/fit.py --model qwen3-vl-4b -B 4 -K 6 --max-pixels 262144 --micro-batch 2 \
+        --gradient-checkpointing --gpu-memory 24                         # the README's 24 GB recipe
+    python scripts/fit.py --model qwen2.5-vl-7b -B 8 -K 6 --gradient-checkpointing \
+        --batch-points 3 4 --gpu-memory 80 --json-out docs/fit/qwen2.5-vl-7b.json
+    python scripts/fit.py --model /ckpt/Qwen2.5-VL-7B-Instruct ...      # any folder with a config.json
+
+What is measured: the bytes of every tensor storage alive at each moment of the step (LiveBytes, a
+TorchDispatchMode), which is what torch.cuda.max_memory_allocated counts on a GPU for the same shapes
+and dtypes, before the caching allocator's rounding and the kernels' own workspaces. The model is
+the architecture's config (architectures.py, or --model's config.json) with random weights in the
+dtype the GPU run uses (bf16 base and fp32 adapters under LoRA; fp32 master weights under --full),
+the family's real processor (tests/fixtures) and images of the sizes gpu_check.py trains on (B-1 of
+512x384 and one 4000x3000; --images WxH for one size). Every completion is --max-new-tokens long
+(force_length), so shapes do not depend on when a random model writes EOS. The optimizer state and
+the previous step's gradients exist from the start, as in every step after the first.
+
+Matrix products and attention kernels allocate their outputs (true shape, dtype and strides) without
+computing them, and the weights are not written (--exact computes and writes them): the bytes are the
+same (a test checks it on the tiny models), and a real-width step takes a minute or two on 2 cores
+instead of hours. Values are garbage; no shape depends on them (force_length).
+
+Extrapolation: a phase's peak, split by what is alive at that moment (weights, gradients, optimizer
+state, KV cache, activations: everything else, inputs included), is measured at three depths, (L1,
+V1), (L2, V1), (L1, V2) language layers / vision blocks, and is taken as linear in each: per layer
+and per block slopes from the two differences. With --batch-points b1 b2 the same at two batch sizes,
+and linear in B between them (the images: b-1 small and one big). The output says which figures were
+measured and which extrapolated. FLOPs (each op's formula from torch.utils.flop_counter, the table
+FlopCounterMode counts with, on the same step) extrapolate the same way; seconds = FLOPs / (--mfu x --peak-tflops), an estimate, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import resource
+import sys
+import time
+import weakref
+
+import numpy as np
+import torch
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import architectures  # noqa: E402
+import distributed  # noqa: E402
+import grpo  # noqa: E402
+import mgiqa  # noqa: E402
+import rollouts  # noqa: E402
+import tiny  # noqa: E402
+from mgiqa import ATTRIBUTES  # noqa: E402
+from reward import preference_matrix  # noqa: E402
+
+GIB = 2 ** 30
+PHASES = ("sampling", "reward", "reference", "update")
+KINDS = ("weights", "gradients", "optimizer", "kv_cache", "activations")
+SMALL, BIG = (512, 384), (4000, 3000)  # gpu_check.make_data's images: KADID-10k's size, a SPAQ original
+LOGIT_CHUNK = 4096  # rollouts.token_logprobs' chunk: above it the LM head is recomputed in backward
+
+aten = torch.ops.aten
+# what returns zeros of its true shape instead of computing (the matmuls and attention kernels)
+SKIPPED = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+           aten._scaled_dot_product_flash_attention_for_cpu.default,
+           aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+           aten.convolution.default, aten.convolution_backward.default}
+# FLOPs per op: torch.utils.flop_counter's formulas (what FlopCounterMode counts with), counted in
+# LiveBytes' own dispatch (one Python mode, not two: half the overhead); its flash-attention formulas
+# for the CPU's flash kernels, which its table lacks
+FLOPS = dict(flop_counter.flop_registry)
+FLOPS[aten._scaled_dot_product_flash_attention_for_cpu] = FLOPS[aten._scaled_dot_product_flash_attention]
+FLOPS[aten._scaled_dot_product_flash_attention_for_cpu_backward] = FLOPS[
+    aten._scaled_dot_product_flash_attention_backward]
+
+
+# ----------------------------------------------------------------------------- counting live bytes
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of live tensor storages: every storage an op creates is counted until it is freed
+    (a weakref finalizer on the storage), storages present before (weights, inputs) through add().
+    Each storage has a kind (KINDS); `peak` and `at_peak` (bytes per kind at that moment) are since
+    the last close(). skip_compute: SKIPPED ops return zeros of their true shape (same bytes)."""
+
+    def __init__(self, skip_compute: bool = False):
+        super().__init__()
+        self.skip_compute, self.live = skip_compute, {}  # data_ptr -> [bytes, kind]
+        self.by_kind = collections.Counter()
+        self.total = self.peak = self.flops = 0
+        self.at_peak: dict = {}
+
+    def add(self, tensor, kind: str = "activations") -> None:
+        """Count tensor's storage (once) as `kind`; a storage already counted changes to `kind`."""
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0:
+            return
+        if key in self.live:
+            old_size, old_kind = self.live[key]
+            self._change(old_kind, -old_size)
+        else:
+            weakref.finalize(storage, self._free, key)
+        self.live[key] = [size, kind]
+        self._change(kind, size)
+
+    def _free(self, key) -> None:
+        if key in self.live:
+            size, kind = self.live.pop(key)
+            self._change(kind, -size)
+
+    def _change(self, kind: str, delta: int) -> None:
+        self.by_kind[kind] += delta
+        self.total += delta
+        if self.total > self.peak:
+            self.peak, self.at_peak = self.total, dict(self.by_kind)
+
+    def close(self) -> dict:
+        """The peak since the last close (with the bytes per kind at it); the next starts from now."""
+        out = {"peak": self.peak, **{k: self.at_peak.get(k, 0) for k in KINDS}}
+        self.peak, self.at_peak = self.total, dict(self.by_kind)
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = empty_result(func, args, kwargs) if self.skip_compute and func in SKIPPED else func(*args, **kwargs)
+        count = FLOPS.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                known = self.live.get(storage.data_ptr())
+                if known is None or known[0] != storage.nbytes():  # new, or resized by an out= op
+                    self.add(t, known[1] if known else "activations")
+        return out
+
+
+def empty_result(func, args, kwargs):
+    """func's outputs, allocated with their true shape, dtype and strides (from its meta kernel) and
+    not written: values are garbage, bytes are right. The LM head is such a product, so sampled
+    tokens come from garbage logits: rollouts.sample_tokens still returns an id in the vocabulary."""
+    def meta(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
+
+    def real(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) if isinstance(t, torch.Tensor) else t
+    return tree_map(real, func(*tree_map(meta, args), **tree_map(meta, kwargs)))
+
+
+@contextlib.contextmanager
+def kv_cache_counted(tracker: LiveBytes):
+    """The KV caches' tensors counted as kv_cache: relabelled after every cache layer update."""
+    from transformers import cache_utils
+
+    originals = {cls: cls.update for cls in (cache_utils.DynamicLayer, cache_utils.StaticLayer)}
+
+    def wrap(update):
+        def counted(self, *a, **kw):
+            out = update(self, *a, **kw)
+            for t in (getattr(self, "keys", None), getattr(self, "values", None)):
+                tracker.add(t, "kv_cache")
+            return out
+        return counted
+    for cls, update in originals.items():
+        cls.update = wrap(update)
+    try:
+        yield
+    finally:
+        for cls, update in originals.items():
+            cls.update = update
+
+
+# ----------------------------------------------------------------------------- the model
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no init), while
+    buffers (the rotary frequencies) are computed for real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def random_model(config, dtype: torch.dtype, seed: int = 0, written: bool = True):
+    """config's model with random weights in dtype on the CPU (normal 0.02 for matrices, norms 1,
+    biases 0, as gpu_check.build; written=False leaves matrices unwritten, for steps whose products
+    are not computed); tied weights stay one tensor."""
+    from transformers import AutoModelForImageTextToText
+
+    with parameters_on_meta():
+        model = AutoModelForImageTextToText.from_config(config)
+    g, made = torch.Generator().manual_seed(seed), {}
+    for module_name, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                new = torch.empty(p.shape, dtype=dtype)
+                with torch.no_grad():
+                    if p.dim() >= 2:
+                        if written:
+                            new.normal_(0.0, 0.02, generator=g)
+                    else:
+                        new.fill_(0.0 if name == "bias" else 1.0)
+                made[id(p)] = torch.nn.Parameter(new, requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+    model.generation_config.bos_token_id = architectures.SPECIAL["bos_token_id"]
+    model.generation_config.eos_token_id = architectures.SPECIAL["eos_token_id"]
+    model.generation_config.pad_token_id = architectures.SPECIAL["pad_token_id"]
+    return model.eval()
+
+
+def processor_for(model_arg: str, config):
+    """The checkpoint folder's processor when it has one, else the family's real one (fixtures)."""
+    if os.path.isdir(model_arg):
+        from transformers import AutoProcessor
+        with contextlib.suppress(OSError, ValueError):
+            return AutoProcessor.from_pretrained(model_arg)
+    return tiny.real_processor(architectures.family(config))
+
+
+def base_config(model_arg: str):
+    """An architecture name (architectures.NAMES) or a folder with a config.json."""
+    if model_arg in architectures.NAMES:
+        return architectures.published(model_arg)
+    if os.path.isfile(os.path.join(model_arg, "config.json")):
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(model_arg)
+    raise SystemExit(f"fit.py: --model {model_arg!r} is neither one of {', '.join(architectures.NAMES)} "
+                     "nor a folder with a config.json")
+
+
+@contextlib.contextmanager
+def loading(config, processor, seed: int, written: bool = True):
+    """grpo.build_model's mgiqa.load, for the duration, builds config's random model instead of
+    reading a checkpoint (then processor pixel cap and padding as mgiqa.load sets them)."""
+    def load(name_or_path, device="auto", dtype="auto", adapter=None, max_pixels=0, seed_=seed, **kw):
+        model = random_model(config, getattr(torch, dtype), seed, written)
+        processor.tokenizer.padding_side = "left"
+        ip = processor.image_processor
+        mgiqa.cap_pixels(ip, mgiqa.default_max_pixels(ip) if max_pixels == 0 else max_pixels)
+        return model, processor
+    real = mgiqa.load
+    mgiqa.load = load
+    try:
+        yield
+    finally:
+        mgiqa.load = real
+
+
+# ----------------------------------------------------------------------------- one measured step
+
+def images_for(layout: str, b: int):
+    """b images: gpu_check's layout (b-1 of 512x384, one of 4000x3000) or b of one size WxH."""
+    from PIL import Image
+
+    sizes = [SMALL] * (b - 1) + [BIG] if layout == "gpu_check" else [parse_size(layout)] * b
+    rng = np.random.default_rng(0)
+    out = []
+    for w, h in sizes:  # smooth blocks, as gpu_check.make_data (the content does not change any shape)
+        base = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        out.append(Image.fromarray(base).resize((w, h), Image.BILINEAR))
+    return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+        return w, h
+    except ValueError:
+        raise SystemExit(f"fit.py: --images {text!r}: gpu_check or WIDTHxHEIGHT (e.g. 512x384)") from None
+
+
+def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: int, layout: str,
+            exact: bool = False) -> dict:
+    """One grpo_step of config at (layers, vision) depth on b images: per phase the peak live bytes
+    (and per kind at that moment), the FLOPs and the CPU seconds."""
+    cfg = dataclasses.replace(cfg, batch_size=b)
+    reduced = architectures.with_depth(config, layers, vision)
+    torch.manual_seed(cfg.seed)
+    with loading(reduced, processor, cfg.seed, written=exact):
+        model, processor, ref = grpo.build_model(cfg)
+    labels = torch.tensor(np.random.default_rng(0).uniform(1, 5, (len(ATTRIBUTES), b)))
+    P, M = (torch.stack(t) for t in zip(*(preference_matrix(y) for y in labels)))
+    batch = {"P": P, "M": M}
+    dtype = grpo.compute_dtype(cfg, "cpu")
+    policy = distributed.wrap(model, False, dtype, cfg.shared_prefix)
+    ref = distributed.wrap(ref, False, dtype, cfg.shared_prefix) if ref is not None else None
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    # foreach=True: what AdamW picks by default on CUDA (its temporaries span all parameters at once)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    steady_state(optimizer, trainable)
+    tokens = grpo.Tokens.resolve(cfg, model, processor)
+    prompts = rollouts.encode_prompts(model, processor, images_for(layout, b), mgiqa.prompt_text(processor, cfg.thinking))
+
+    tracker = LiveBytes(skip_compute=not exact)
+    for m in (model, *([] if ref is None else [distributed.unwrap(ref)])):
+        for t in (*m.parameters(), *m.buffers()):
+            tracker.add(t, "weights")
+    for p in trainable:
+        tracker.add(p.grad, "gradients")
+        p.register_post_accumulate_grad_hook(lambda q: tracker.add(q.grad, "gradients"))
+    for state in optimizer.state.values():
+        for t in state.values():
+            tracker.add(t, "optimizer")
+    for t in (*(getattr(prompts, f.name) for f in dataclasses.fields(prompts)), P, M, tokens.banned):
+        tracker.add(t, "activations")  # the step's inputs
+    figures, clock = {}, [time.perf_counter(), 0]
+
+    class Counted(grpo.Phases):
+        def end(self, name):
+            super().end(name)
+            total = tracker.flops
+            figures[name] = {**tracker.close(), "flops": total - clock[1], "cpu_s": time.perf_counter() - clock[0]}
+            clock[:] = [time.perf_counter(), total]
+
+    original, grpo.Phases = grpo.Phases, Counted
+    try:
+        tracker.close()  # the step starts from what is alive now
+        with tracker, kv_cache_counted(tracker):
+            stats = grpo.grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens, ref=ref)
+    finally:
+        grpo.Phases = original
+    if stats["length"] != cfg.max_new_tokens:
+        raise RuntimeError(f"fit.py: completions are {stats['length']} tokens, expected {cfg.max_new_tokens}")
+    figures["prompt_tokens"], figures["image_tokens"] = stats["prompt_tokens"], stats["image_tokens"]
+    del model, ref, policy, optimizer, tracker
+    gc.collect()
+    return figures
+
+
+def steady_state(optimizer, params) -> None:
+    """AdamW's states and the gradients as every step after the first finds them: one step on zero
+    gradients (moments 0, so no weight moves), the gradients left allocated until the next
+    update's zero_grad, as grpo_step leaves them."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+
+
+# ----------------------------------------------------------------------------- extrapolation
+
+def linear(x0: float, y0: float, x1: float, y1: float, x: float) -> float:
+    """The line through (x0, y0) and (x1, y1) at x (y0 when x0 == x1, a single point)."""
+    return y0 if x1 == x0 else y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+def extrapolate(points: dict, layers, visions, batches, target) -> dict:
+    """points[(L, V, B)] = {phase: {key: number}} at L in layers (2), V in visions (2), B in batches
+    (1 or 2); the figure at target (L, V, B): linear in L and V from (L1, V1), (L2, V1), (L1, V2),
+    then linear in B between the two batch sizes."""
+    (L1, L2), (V1, V2), (Lt, Vt, Bt) = layers, visions, target
+    at_b = {}
+    for b in batches:
+        base, deeper, wider = points[(L1, V1, b)], points[(L2, V1, b)], points[(L1, V2, b)]
+        at_b[b] = {ph: {k: base[ph][k] + (Lt - L1) * (deeper[ph][k] - base[ph][k]) / (L2 - L1)
+                        + (Vt - V1) * (wider[ph][k] - base[ph][k]) / (V2 - V1) for k in base[ph]}
+                   for ph in PHASES}
+    b0, b1 = batches[0], batches[-1]
+    return {ph: {k: linear(b0, at_b[b0][ph][k], b1, at_b[b1][ph][k], Bt) for k in at_b[b0][ph]} for ph in PHASES}
+
+
+def check_batch_points(cfg: grpo.Config, batches) -> None:
+    """Linear in B holds only where the LM head's chunking is the same: above LOGIT_CHUNK positions a
+    forward's logits are recomputed chunk by chunk, below they are one block of that size."""
+    K, T = cfg.num_generations, cfg.max_new_tokens
+
+    def positions(b):
+        return (cfg.micro_batch or b) * K * T
+    want = positions(cfg.batch_size)
+    for b in batches:
+        got = positions(b)
+        if (got > LOGIT_CHUNK) != (want > LOGIT_CHUNK) or (want <= LOGIT_CHUNK and got != want):
+            raise SystemExit(f"fit.py: --batch-points {b}: its training forward scores {got} positions, B "
+                             f"{cfg.batch_size}'s {want}; on different sides of the LM head's chunk "
+                             f"({LOGIT_CHUNK}) memory is not linear in B. Pick batch points whose "
+                             f"micro-batch x K x max-new-tokens is also {'above' if want > LOGIT_CHUNK else want}")
+        if cfg.micro_batch and b < cfg.micro_batch:
+            raise SystemExit(f"fit.py: --batch-points {b} is below --micro-batch {cfg.micro_batch}")
+
+
+# ----------------------------------------------------------------------------- what it prints
+
+def fsdp_per_rank(pred: dict, ranks: int, config, dtype_bytes: int = 2) -> dict:
+    """Arithmetic, not measured: --full under FSDP2 on `ranks` GPUs from the unsharded measurement.
+    Weights, gradients and AdamW states divide by the ranks; each rank holds besides bf16 copies of
+    the units in use: all of them while sampling (distributed.gathered), else the largest layer
+    twice (one computing, one prefetched) and the root's (embeddings, LM head)."""
+    text = config.text_config
+    root = text.vocab_size * text.hidden_size * (1 if text.tie_word_embeddings else 2) * dtype_bytes
+    out = {}
+    for ph, f in pred.items():
+        sharded = {k: f[k] / ranks for k in ("weights", "gradients", "optimizer")}
+        gathered = pred["sampling"]["weights"] * dtype_bytes / 4 if ph == "sampling" else root
+        rest = f["kv_cache"] + f["activations"]
+        out[ph] = {**sharded, "kv_cache": f["kv_cache"], "activations": f["activations"] + gathered,
+                   "peak": sum(sharded.values()) + rest + gathered}
+    return out
+
+
+def table(pred: dict, gpu_gib: float, seconds: dict) -> str:
+    rows = [f"{'phase':<10} " + " ".join(f"{k:>11}" for k in KINDS) + f" {'peak GiB':>9} {'est. s':>7}"]
+    for ph in PHASES:
+        f = pred[ph]
+        rows.append(f"{ph:<10} " + " ".join(f"{f[k] / GIB:>11.2f}" for k in KINDS)
+                    + f" {f['peak'] / GIB:>9.2f} {seconds[ph]:>7.1f}")
+    step = max(pred[ph]["peak"] for ph in PHASES) / GIB
+    verdict = "fits" if step <= gpu_gib else "does NOT fit"
+    rows.append(f"step peak {step:.2f} GiB of --gpu-memory {gpu_gib:g} GiB: {verdict} "
+                f"({gpu_gib - step:+.2f} GiB)")
+    return "\n".join(rows)
+
+
+def advice(pred: dict, gpu_gib: float, cfg: grpo.Config) -> list[str]:
+    """What to change, for each phase over the budget, by its largest part."""
+    out = []
+    for ph in PHASES:
+        f = pred[ph]
+        if f["peak"] / GIB <= gpu_gib:
+            continue
+        largest = max(KINDS, key=lambda k: f[k])
+        hint = {"kv_cache": "the KV cache holds B x K rows of prompt + max-new-tokens: lower -B, -K, "
+                            "--max-new-tokens or --max-pixels (shorter prompts)",
+                "activations": f"lower --micro-batch (now {cfg.micro_batch or cfg.batch_size} images per "
+                               "forward), --max-pixels or -K; turn on --gradient-checkpointing" if ph != "sampling"
+                               else "lower -B or -K (decoding rows) or --max-pixels",
+                "weights": "a smaller model, or LoRA instead of --full",
+                "gradients": "LoRA instead of --full, or --fsdp over more GPUs",
+                "optimizer": "LoRA instead of --full, or --fsdp over more GPUs"}[largest]
+        out.append(f"{ph}: {f['peak'] / GIB:.2f} GiB > {gpu_gib:g}; largest part {largest} "
+                   f"{f[largest] / GIB:.2f} GiB: {hint}; rerun fit.py with the change to measure it")
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = grpo.build_parser()
+    ap.description = "Peak memory per phase of one GRPO step, measured at real width, reduced depth."
+    g = ap.add_argument_group("fit")
+    g.add_argument("--gpu-memory", type=float, default=80.0, help="the GPU's memory in GiB (default 80)")
+    g.add_argument("--images", default="gpu_check", help="gpu_check (B-1 of 512x384, one 4000x3000) or WxH")
+    g.add_argument("--text-layers", type=int, nargs=2, default=(1, 2), metavar="L", help="depths measured")
+    g.add_argument("--vision-depths", type=int, nargs=2, default=None, metavar="V",
+                   help="vision depths measured (default: the least that keeps every block type, and one more)")
+    g.add_argument("--batch-points", type=int, nargs=2, default=None, metavar="B",
+                   help="measure at these two batch sizes and extrapolate to -B (default: -B itself)")
+    g.add_argument("--exact", action="store_true", help="compute the matrix products (slow; same bytes)")
+    g.add_argument("--fsdp-ranks", type=int, default=0, help="with --full: also the per-rank arithmetic on N GPUs")
+    g.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200: 989)")
+    g.add_argument("--mfu", type=float, default=0.4, help="the fraction of that peak the time estimate assumes")
+    g.add_argument("--json-out", default=None, help="write every measured point and the prediction here")
+    return ap
+
+
+def config_from(args) -> grpo.Config:
+    names = [f.name for f in dataclasses.fields(grpo.Config)]
+    cfg = grpo.Config(**{k: getattr(args, k) for k in names})
+    if cfg.fsdp:
+        raise SystemExit("fit.py: --fsdp runs under torchrun; give --full --fsdp-ranks N for the per-rank figures")
+    if args.fsdp_ranks and not cfg.full:
+        raise SystemExit("fit.py: --fsdp-ranks is the --full per-rank arithmetic; add --full")
+    # the GPU's dtype (grpo's auto is fp32 on a CPU); every completion the full length
+    return dataclasses.replace(cfg, dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype, device="cpu",
+                               force_length=True)
+
+
+def run(args) -> dict:
+    cfg = config_from(args)
+    config = base_config(args.model)
+    processor = processor_for(args.model, config)
+    Lt, Vt = architectures.depths(config)
+    layers = tuple(args.text_layers)
+    visions = tuple(args.vision_depths or (architectures.min_vision_depth(config),
+                                           architectures.min_vision_depth(config) + 1))
+    batches = tuple(args.batch_points or (cfg.batch_size,))
+    if layers[0] == layers[1] or visions[0] == visions[1]:
+        raise SystemExit("fit.py: --text-layers and --vision-depths each need two different depths")
+    check_batch_points(cfg, batches)
+    points, t0 = {}, time.perf_counter()
+    for b in batches:
+        for L, V in ((layers[0], visions[0]), (layers[1], visions[0]), (layers[0], visions[1])):
+            t = time.perf_counter()
+            points[(L, V, b)] = measure(cfg, config, processor, L, V, b, args.images, args.exact)
+            peaks = {ph: round(points[(L, V, b)][ph]["peak"] / GIB, 3) for ph in PHASES}
+            print(json.dumps({"measured": {"text_layers": L, "vision_depth": V, "B": b}, "peak_gib": peaks,
+                              "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+    pred = extrapolate(points, layers, visions, batches, (Lt, Vt, cfg.batch_size))
+    seconds = {ph: pred[ph]["flops"] / (args.mfu * args.peak_tflops * 1e12) for ph in PHASES}
+    point = next(iter(points.values()))
+    return {"model": args.model, "target": {"text_layers": Lt, "vision_depth": Vt, "B": cfg.batch_size},
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out")},
+            "images": args.images, "prompt_tokens": point["prompt_tokens"], "image_tokens": point["image_tokens"],
+            "measured": [{"text_layers": L, "vision_depth": V, "B": b, "phases": {ph: f[ph] for ph in PHASES}}
+                         for (L, V, b), f in points.items()],
+            "predicted": pred, "seconds_estimate": seconds, "mfu": args.mfu, "peak_tflops": args.peak_tflops,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads or 2)
+    result = run(args)
+    cfg, config = config_from(args), base_config(args.model)
+    t = result["target"]
+    print(f"\n{args.model}: {t['text_layers']} layers, {t['vision_depth']} vision blocks, B {cfg.batch_size}, "
+          f"K {cfg.num_generations}, {cfg.max_new_tokens} new tokens, micro-batch {cfg.micro_batch or cfg.batch_size}, "
+          f"{'--full' if cfg.full else f'LoRA r{cfg.lora_rank}'}, gradient checkpointing "
+          f"{'on' if cfg.gradient_checkpointing else 'off'}, {cfg.dtype}; prompt {result['prompt_tokens']} tokens "
+          f"({result['image_tokens']} image tokens, all images), images {args.images}")
+    measured = sorted({(m["text_layers"], m["vision_depth"], m["B"]) for m in result["measured"]})
+    print(f"measured at (layers, vision blocks, B) = {measured}; extrapolated linearly to "
+          f"({t['text_layers']}, {t['vision_depth']}, {t['B']}). GiB of live tensors at each phase's peak "
+          f"(torch.cuda.max_memory_allocated's count); est. s = FLOPs / ({args.mfu:g} x {args.peak_tflops:g} "
+          "TFLOP/s), an estimate (decoding is memory-bound: sampling takes longer)")
+    print(table(result["predicted"], args.gpu_memory, result["seconds_estimate"]))
+    if args.fsdp_ranks:
+        per_rank = fsdp_per_rank(result["predicted"], args.fsdp_ranks, config)
+        result["fsdp_per_rank"] = {"ranks": args.fsdp_ranks, "phases": per_rank}
+        print(f"\n--fsdp on {args.fsdp_ranks} GPUs, per rank (arithmetic on the figures above, not measured):")
+        print(table(per_rank, args.gpu_memory, result["seconds_estimate"]))
+    for line in advice(result["predicted"] if not args.fsdp_ranks else result["fsdp_per_rank"]["phases"],
+                       args.gpu_memory, cfg):
+        print("advice:", line)
+    print(f"wall {result['wall_s']} s, peak RSS {result['peak_rss_gib']:.1f} GiB")
+    if args.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
