@@ -714,6 +714,197 @@ def held_out_eval(cfg: Config, processor, heldout):
     return eval_fn
 
 
+# ----------------------------------------------------------------------------- one step, explained
+# python grpo.py --explain [-K 2] [--beta 0] [--credit attribute] ...: one real grpo_step of a tiny
+# model that already answers in the format (a few seconds of the demo's warm-up), printed quantity
+# by quantity in the order of docs/METHOD.md, its equation numbers in brackets. The values printed
+# are the step's own: `recording` wraps the functions grpo_step calls and keeps what they saw.
+
+EXPLAIN_DEFAULTS = dict(model="demo", full=True, batch_size=2, num_generations=4, max_new_tokens=20,
+                        lr=1e-4, gamma=0.05, seed=0)
+EXPLAIN_FORMAT_STEPS = 200  # answer-layout steps: after 300, 49 of 64 sampled answers were strict
+EXPLAIN_QUIET_STEPS = 2  # GRPO steps before the explained one: the policy has moved from the reference
+
+
+@contextlib.contextmanager
+def recording(trace: dict, functions):
+    """While active, each (module, name) in functions also appends (args, result) of every call to
+    trace[name]; the originals are put back on exit."""
+    originals = []
+    for module, name in functions:
+        original = getattr(module, name)
+        originals.append((module, name, original))
+        setattr(module, name, _recorder(original, trace.setdefault(name, [])))
+    try:
+        yield trace
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
+
+
+def _recorder(function, calls: list):
+    def recorded(*args, **kwargs):
+        result = function(*args, **kwargs)
+        calls.append((args, result))
+        return result
+    return recorded
+
+
+def explain_model(cfg: Config, format_steps: int = EXPLAIN_FORMAT_STEPS):
+    """The demo's tiny model after format_steps of its answer-layout warm-up (no quality label),
+    its processor and the demo's procedural scenes."""
+    import demo  # the demo's model, data and warm-up: imported only here
+
+    demo_cfg = demo.DemoConfig(seed=cfg.seed, n_train=400, n_heldout=8, format_steps=format_steps)
+    model, processor, scenes = demo.untrained(demo_cfg, log=_quiet)
+    scenes.cache_features(model)  # the tower stays as built: its output is computed once per image
+    torch.manual_seed(cfg.seed)
+    demo.train_format(model, processor, scenes, demo_cfg, log=_quiet)
+    return model, processor, scenes
+
+
+def explain_step(cfg: Config, model, processor, scenes, log=print, record: bool = True) -> dict:
+    """From explain_model's model, EXPLAIN_QUIET_STEPS GRPO steps, then one more, printed
+    (record=False: the same steps, nothing recorded or printed). Returns the last step's figures
+    (what grpo_step returned) and, recorded, what its functions saw (trace)."""
+    ref = None
+    if cfg.beta > 0:  # the reference: the model as the warm-up left it (as --full's frozen copy)
+        ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), cfg.fsdp,
+                               compute_dtype(cfg, "cpu"), cfg.shared_prefix)
+    model.requires_grad_(True)
+    model.model.visual.requires_grad_(False)  # the demo's GRPO trains the language model only
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    tokens = Tokens.resolve(cfg, model, processor)
+    policy = distributed.wrap(model, cfg.fsdp, compute_dtype(cfg, "cpu"), cfg.shared_prefix)
+    sampler = data.Sampler({scenes.train[0].dataset: scenes.train}, cfg.batch_size, seed=cfg.seed)
+    me = sys.modules[__name__]
+    watched = [(reward, "mg_reward"), (rollouts, "completion_mask"), (reward, "token_advantages"),
+               (me, "clipped_surrogate"), (me, "k3_kl"), (me, "aggregate")]
+    torch.manual_seed(cfg.seed)
+    for step in range(EXPLAIN_QUIET_STEPS + 1):
+        batch = sampler.sample()
+        prompts = scenes.prompts(model, processor, scenes.indices(batch["records"]))
+        trace: dict = {}
+        shown = record and step == EXPLAIN_QUIET_STEPS
+        with recording(trace, watched if shown else []):
+            figures = grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens,
+                                ref=ref, reward_fn=reward.mg_reward)
+        if record and not shown:
+            log(f"(GRPO step {step + 1}, not shown: reward {figures['reward']:.3f}, "
+                f"loss {figures['loss']:+.6f})")
+    if record:
+        print_step(cfg, processor, batch, prompts, trace, figures, log=log)
+    return {"figures": figures, "trace": trace}
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _rows(values, fmt: str = "{:7.3f}") -> str:
+    return " ".join(fmt.format(float(v)) for v in values)
+
+
+def print_step(cfg: Config, processor, batch, prompts, trace, figures, log=print) -> None:
+    """The step's quantities in the order of docs/METHOD.md, sections 1-3."""
+    B, K, A = cfg.batch_size, cfg.num_generations, len(ATTRIBUTES)
+    tok = processor.tokenizer
+    (completions, P, M), rewards = trace["mg_reward"][0][0][:3], trace["mg_reward"][0][1]
+    (ids, _), mask = trace["completion_mask"][0]
+    attr, adv = trace["token_advantages"][0][0][1], trace["token_advantages"][0][1]
+    line = "-" * 96
+    log(f"One GRPO step, explained: B {B} images x K {K} rollouts, credit {cfg.credit}, "
+        f"beta {cfg.beta}, gamma {cfg.gamma}, weights {cfg.weights}, w_format {cfg.w_format}")
+    log(line)
+    log("[1] The prompt (docs/METHOD.md section 1; image tokens abbreviated), the same for each image:")
+    log(_abbreviated(tok.decode(prompts.input_ids[0][prompts.attention_mask[0].bool()])))
+    log(line)
+    log("[3.1] K completions per image (sampled at temperature "
+        f"{cfg.temperature}) and their lenient scores [2.0] (" + ", ".join(ATTRIBUTES) + "):")
+    scores = rewards["scores"]  # (B, K, A)
+    for i, record in enumerate(batch["records"]):
+        labels = ", ".join(f"{a} {record.attributes.get(a, float('nan')):g}" for a in mgiqa.LABELLED)
+        log(f"image {i}: {Path(record.image).name}  family {record.family or 'clean'} "
+            f"level {record.level}  MOS {record.mos:g}  ({labels})")
+        for k in range(K):
+            log(f"  k={k}: {completions[i * K + k]!r}")
+            log(f"        scores {_rows(scores[i, k], '{:5.2f}')}   format F = "
+                f"{float(rewards['format'][i, k]):.0f}")
+    log(line)
+    log("[2.3, 2.4] Ground truth P[i, j] (1: i better, .5 tie, 0: worse) and mask M per attribute:")
+    for a, name in enumerate(ATTRIBUTES):
+        pairs = [f"P[{i},{j}] = {float(P[a, i, j]):.1f}{'' if M[a, i, j] else ' (masked)'}"
+                 for i in range(B) for j in range(B) if i != j]
+        log(f"  {name:12s} " + "; ".join(pairs))
+    log(line)
+    n, mu, var = reward.group_stats(scores.permute(2, 0, 1))  # (A, B) each
+    p_hat = reward.thurstone_probability(scores.permute(2, 0, 1), mu, var, cfg.gamma)  # (A, B, B, K)
+    log("[2.1] mean mu[i] and unbiased variance var[i] of each image's valid scores, "
+        "[2.2] p_hat[i, j, k] = Phi((s[i,k] - mu[j]) / sqrt(var[i] + var[j] + gamma)), "
+        "[2.6] fidelity reward r[i, k]:")
+    for a, name in enumerate(ATTRIBUTES):
+        log(f"  {name}: mu {_rows(mu[a])}  var {_rows(var[a])}")
+        for i in range(B):
+            for j in range(B):
+                if i != j:
+                    log(f"    p_hat[{i},{j},:] {_rows(p_hat[a, i, j])}")
+            log(f"    r[{i},:]       {_rows(rewards['per_attribute'][i, :, a])}")
+    log(line)
+    log("[2.7] total R[i, k] = w_format F + sum_a w_a r_a, and [2.8] the group advantages "
+        "A[i, k] = (R - mean_k R) / (std_k R + 1e-4):")
+    group = reward.group_advantages(rewards["total"])
+    for i in range(B):
+        log(f"  image {i}: R {_rows(rewards['total'][i])}   A {_rows(group[i])}")
+    log(line)
+    log(f"[2.9] advantage on each completion token (credit {cfg.credit}); "
+        "score tokens marked [attribute]:")
+    for row in (0, K):  # the first rollout of the first two images
+        shown = []
+        for t in range(int(mask[row].sum())):
+            piece = tok.decode([int(ids[row, t])])
+            mark = f"[{ATTRIBUTES[int(attr[row, t])][:4]}]" if attr[row, t] >= 0 else ""
+            shown.append(f"{piece!r}{mark} {float(adv[row, t]):+.3f}")
+        log(f"  row {row}: " + "  ".join(shown))
+    log(line)
+    (logp, old, adv_rows, *_), (per_token, _) = trace["clipped_surrogate"][0]
+    logp, per_token = logp.detach(), per_token.detach()
+    rho = torch.exp(logp - old)
+    kl = trace["k3_kl"][0][1].detach() if trace["k3_kl"] else torch.zeros_like(logp)
+    ref_lp = trace["k3_kl"][0][0][1] if trace["k3_kl"] else None
+    log("[3.4, 3.5] per token: logp, reference logp, ratio rho = exp(logp - logp_old) (1 on the "
+        "first update: logp_old is logp itself), the clipped surrogate -min(rho A, clip(rho) A) "
+        "and k3 = exp(ref - logp) - (ref - logp) - 1, for the first tokens of row 0:")
+    for t in range(min(8, int(mask[0].sum()))):
+        ref_text = f"{float(ref_lp[0, t]):+.4f}" if ref_lp is not None else "   (none)"
+        log(f"  token {tok.decode([int(ids[0, t])])!r:12} logp {float(logp[0, t]):+.4f}  "
+            f"ref {ref_text}  rho {float(rho[0, t]):.4f}  A {float(adv_rows[0, t]):+.3f}  "
+            f"surrogate {float(per_token[0, t]):+.4f}  k3 {float(kl[0, t]):.5f}")
+    log(line)
+    (_, _), loss = trace["aggregate"][0]
+    log(f"[3.6] loss = {cfg.loss_type} mean of (surrogate + beta k3) over completion tokens "
+        f"= {float(loss):+.6f}; entropy bonus {figures['entropy']:.4f} x {cfg.entropy_coef}; "
+        f"gradient norm before clipping to {cfg.grad_clip}: {figures['grad_norm']:.4f}")
+
+
+def _abbreviated(text: str) -> str:
+    """Runs of one repeated special token (the image's pads) written once with a count."""
+    def counted(match) -> str:
+        return f"{match.group(1)} x {len(match.group(0)) // len(match.group(1))}"
+    return re.sub(r"(<\|[a-z_]+\|>)\1{2,}", counted, text)
+
+
+def explain_main(argv, given: set[str]) -> int:
+    """python grpo.py --explain [flags]: EXPLAIN_DEFAULTS for every flag not given."""
+    args = build_parser().parse_args(argv)
+    names = [f.name for f in dataclasses.fields(Config)]
+    cfg = Config(**{k: getattr(args, k) for k in names})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in EXPLAIN_DEFAULTS.items() if k not in given})
+    check_config(cfg)
+    torch.set_num_threads(args.threads or 2)  # the same thread count, the same sums: the same output
+    explain_step(cfg, *explain_model(cfg))
+    return 0
+
+
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -738,6 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "--eval-limit, --device, --threads, --merge)")
     run.add_argument("--merge", default=None, help="LoRA: after training, also write the merged transformers checkpoint here")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--explain", action="store_true",
+                     help="run ONE step of a tiny warmed-up model and print every quantity of the "
+                          "paper's formulas (offline, < 1 min); other flags change that step")
     return ap
 
 
@@ -819,6 +1013,8 @@ def process_seed(seed: int, rank: int) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.explain:
+        return explain_main(argv, given_flags(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args, given_flags(argv))
