@@ -250,10 +250,10 @@ def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens:
     # (1) sample K completions per image (rows image-major), weights gathered once under FSDP2
     model.eval()
     with torch.no_grad(), distributed.gathered(policy), precision(cfg, model):
-        sampler = distributed.policy_of(policy)
-        ids = sampler.sample(prompts, K=K, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
-                             pad_id=tokens.pad, banned=tokens.banned, temperature=cfg.temperature,
-                             top_p=cfg.top_p, force_length=cfg.force_length)  # (B*K, T)
+        engine = distributed.policy_of(policy)
+        ids = engine.sample(prompts, K=K, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
+                            pad_id=tokens.pad, banned=tokens.banned, temperature=cfg.temperature,
+                            top_p=cfg.top_p, force_length=cfg.force_length)  # (B*K, T)
     mask = rollouts.completion_mask(ids, tokens.eos)
     completions = mgiqa.decode_completions(processor, ids, tokens.eos, tokens.opening)
     clock.end("sampling")
