@@ -6,7 +6,7 @@ files).
     records = data.load_dataset("pyiqa", "/data/csiq", file="meta_info_CSIQDataset.csv")
     name, root, opts = data.parse_spec("pyiqa=/data/x,meta.csv,direction=lower")   # the CLI form
     sampler = data.Sampler({"kadid": records}, batch_size=8)   # next(sampler): one batch
-    python data.py summary koniq=/data/koniq10k kadid=/data/kadid10k pyiqa=/data/csiq,meta_info_CSIQDataset.csv
+    python data.py summary koniq=/data/koniq10k pyiqa=/data/csiq,meta_info_CSIQDataset.csv
     python data.py summary pyiqa=/data/mine,meta_info_MineDataset.csv,direction=lower
     python data.py freeze kadid=/data/kadid10k spaq=/data/spaq --out frozen   # test lists, hashed
 
@@ -17,7 +17,8 @@ apply_split); image lists with SHA-256 hashes (what a model trained on, frozen t
 stratified_subset; the Sampler, whose batches carry the preferences of
 reward.preferences; the command line (summary, freeze). The synthetic scenes are synth.py's.
 
-Departures (levels, directions, the sampler, pair precedence): docs/METHOD.md, section 7, departure 8.
+Departures (levels, directions, the sampler, pair precedence): docs/METHOD.md, section 7,
+departure 8.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def _rows(path: str) -> list[list]:
 
 def _pick(header, columns):
     names = [str(c).strip().lower() if c is not None else "" for c in header or []]
-    return {k: next((names.index(c.lower()) for c in cands if c.lower() in names), None) for k, cands in columns.items()}
+    return {k: next((names.index(c.lower()) for c in cands if c.lower() in names), None)
+            for k, cands in columns.items()}
 
 
 def _table(path: str, columns: dict[str, tuple[str, ...]]):
@@ -103,12 +105,14 @@ def _table(path: str, columns: dict[str, tuple[str, ...]]):
     all_rows = _rows(path)
     filled = [i for i, r in enumerate(all_rows) if r and any(c not in (None, "") for c in r)]
     if not filled:
-        raise ValueError(f"{path}: row 1: empty file, expected columns {[c[0] for c in columns.values()]}")
+        wanted = [c[0] for c in columns.values()]
+        raise ValueError(f"{path}: row 1: empty file, expected columns {wanted}")
     h = next((i for i in filled[:50] if None not in _pick(all_rows[i], columns).values()), None)
     if h is None:
         pick = _pick(all_rows[filled[0]], columns)
         missing = next(columns[k][0] for k, i in pick.items() if i is None)
-        raise ValueError(f"{path}: row {filled[0] + 1}: missing column '{missing}' (header: {all_rows[filled[0]]})")
+        raise ValueError(f"{path}: row {filled[0] + 1}: missing column '{missing}' "
+                         f"(header: {all_rows[filled[0]]})")
     header, pick = all_rows[h], _pick(all_rows[h], columns)
     n_data = 0
     for r, row in enumerate(all_rows[h + 1:], start=h + 2):
@@ -117,8 +121,9 @@ def _table(path: str, columns: dict[str, tuple[str, ...]]):
         if not any(c not in (None, "") for c in row):
             continue
         row, n_data = list(row) + [None] * (len(header) - len(row)), n_data + 1
-        yield r, {k: row[i] for k, i in pick.items()}, {str(header[i]): row[i] for i in range(len(header))
-                                                        if i not in pick.values() and header[i] not in (None, "")}
+        others = {str(header[i]): row[i] for i in range(len(header))
+                  if i not in pick.values() and header[i] not in (None, "")}
+        yield r, {k: row[i] for k, i in pick.items()}, others
     if n_data == 0:
         raise ValueError(f"{path}: row {h + 2}: no data rows below the header")
 
@@ -128,12 +133,14 @@ def _loadmat(path: str, var: str) -> np.ndarray:
     import scipy.io  # noqa: F401
     mat = scipy.io.loadmat(path)
     if var not in mat:
-        raise ValueError(f"{path}: no variable '{var}' (has {[k for k in mat if not k.startswith('__')]})")
+        names = [k for k in mat if not k.startswith("__")]
+        raise ValueError(f"{path}: no variable '{var}' (has {names})")
     return mat[var]
 
 
 def _mat_strings(x) -> list[str]:
-    return [str(np.asarray(v).ravel()[0]) if isinstance(v, np.ndarray) else str(v) for v in np.asarray(x, dtype=object).ravel()]
+    return [str(np.asarray(v).ravel()[0]) if isinstance(v, np.ndarray) else str(v)
+            for v in np.asarray(x, dtype=object).ravel()]
 
 
 def _mat_floats(path, var, x) -> list[float]:
@@ -176,45 +183,53 @@ class _Files:
         raise FileNotFoundError(f"{dataset}: none of {list(names)} under {self.root}")
 
 
-# ----------------------------------------------------------------------------- the official annotation files
+# ----------------------------------------------------------------------------- official annotations
 # One reader per dataset; each returns its records with the listed names as image (load_dataset
 # finds them on disk: first under the image folders of its READERS row, then anywhere,
 # case-insensitively: TID2013 ships I01_01_1.bmp as i01_01_1.bmp). Annotation files are found
 # anywhere under the dataset's root.
 #   koniq    koniq10k_distributions_sets.csv (MOS, else MOS_zscore; official split from `set`), else
 #            koniq10k_scores_and_distributions.csv; images from 1024x768/ before 512x384/.
-#   spaq     MOS and Image attribute scores.xlsx; Sharpness/Colorfulness/Noisiness -> sharpness/color/noise.
+#   spaq     MOS and Image attribute scores.xlsx; Sharpness/Colorfulness/Noisiness ->
+#            sharpness/color/noise.
 #   livec    AllImages_release.mat + AllMOS_release.mat (Data/); t1-t7 dropped by name; Images/.
-#   kadid    dmos.csv (dist_img, ref_img, dmos = MOS 1-5); family from TT, level from LL of Irr_TT_LL.
-#   csiq     csiq.DMOS.xlsx (image, dst_type, dst_lev, dmos; the header row may sit below a title, on any
-#            sheet); files dst_imgs/<type>/<image>.<TYPE>.<lev>.png (AWGN, BLUR, contrast, fnoise, JPEG,
-#            jpeg2000); mos = 1 - dmos.
-#   tid2013  mos_with_names.txt ("5.51429 I01_01_1.bmp", MOS 0-9); family from TT (TID2013_FAMILIES).
-#   bid      DatabaseGrades.xlsx (Image Number, Average Subjective Grade 0-5) -> ImageDatabase/DatabaseImage0001.*
+#   kadid    dmos.csv (dist_img, ref_img, dmos = MOS 1-5); family from TT, level from LL of
+#            Irr_TT_LL.
+#   csiq     csiq.DMOS.xlsx (image, dst_type, dst_lev, dmos; the header row may sit below a title,
+#            on any sheet); files dst_imgs/<type>/<image>.<TYPE>.<lev>.png (AWGN, BLUR, contrast,
+#            fnoise, JPEG, jpeg2000); mos = 1 - dmos.
+#   tid2013  mos_with_names.txt ("5.51429 I01_01_1.bmp", MOS 0-9); family from TT
+#            (TID2013_FAMILIES).
+#   bid      DatabaseGrades.xlsx (Image Number, Average Subjective Grade 0-5) ->
+#            ImageDatabase/DatabaseImage0001.*
 #   agiqa3k  data.csv (name, mos_quality; mos_align and the other columns kept in extra).
 #   agiqa1k  AIGC_MOS_Zscore.xlsx (or .csv) from the publisher's repo: Image (or name), MOS.
-#   pipal    Train_Label/*.txt, lines "A0001_00_00.bmp,1500.5" (ELO, higher better), images Train_Distort/;
-#            ref = A0001, the two numeric fields kept in extra (type, subtype).
-#   live     LIVE release 2: refnames_all.mat + dmos_realigned.mat (dmos_new; else dmos.mat, dmos) with orgs;
-#            images jp2k/img1..227 jpeg/..233 wn/..174 gblur/..174 fastfading/..174 in that order;
-#            reference copies (orgs = 1) dropped, as pyiqa does; mos = 100 - dmos.
+#   pipal    Train_Label/*.txt, lines "A0001_00_00.bmp,1500.5" (ELO, higher better), images
+#            Train_Distort/; ref = A0001, the two numeric fields kept in extra (type, subtype).
+#   live     LIVE release 2: refnames_all.mat + dmos_realigned.mat (dmos_new; else dmos.mat,
+#            dmos) with orgs; images jp2k/img1..227 jpeg/..233 wn/..174 gblur/..174
+#            fastfading/..174 in that order; reference copies (orgs = 1) dropped, as pyiqa does;
+#            mos = 100 - dmos.
 #   pyiqa and manifest: their own sections below.
 
 KADID_FAMILIES = {**dict.fromkeys(range(1, 4), "blur"), **dict.fromkeys(range(4, 9), "color"),
                   9: "compression", 10: "compression", **dict.fromkeys(range(11, 16), "noise"),
-                  **dict.fromkeys(range(16, 19), "brightness"), **dict.fromkeys(range(19, 24), "spatial"),
-                  24: "sharpen", 25: "contrast"}
+                  **dict.fromkeys(range(16, 19), "brightness"),
+                  **dict.fromkeys(range(19, 24), "spatial"), 24: "sharpen", 25: "contrast"}
 TID2013_FAMILIES = {**dict.fromkeys((1, 2, 3, 4, 5, 6, 7, 9, 19, 20), "noise"), 8: "blur",
-                    **dict.fromkeys((10, 11, 12, 13, 21, 24), "compression"), 14: "spatial", 15: "spatial",
-                    16: "brightness", 17: "contrast", **dict.fromkeys((18, 22, 23), "color")}
+                    **dict.fromkeys((10, 11, 12, 13, 21, 24), "compression"), 14: "spatial",
+                    15: "spatial", 16: "brightness", 17: "contrast",
+                    **dict.fromkeys((18, 22, 23), "color")}
 CSIQ_TYPES = {"noise": ("awgn", "noise"), "awgn": ("awgn", "noise"), "f noise": ("fnoise", "noise"),
-              "fnoise": ("fnoise", "noise"), "blur": ("blur", "blur"), "jpeg": ("jpeg", "compression"),
-              "jpeg 2000": ("jpeg2000", "compression"), "jpeg2000": ("jpeg2000", "compression"),
+              "fnoise": ("fnoise", "noise"), "blur": ("blur", "blur"),
+              "jpeg": ("jpeg", "compression"), "jpeg 2000": ("jpeg2000", "compression"),
+              "jpeg2000": ("jpeg2000", "compression"),
               "contrast": ("contrast", "contrast")}
 LIVE_FOLDERS = (("jp2k", 227, "compression"), ("jpeg", 233, "compression"), ("wn", 174, "noise"),
                 ("gblur", 174, "blur"), ("fastfading", 174, "compression"))
 SPAQ_ATTRIBUTES = {"sharpness": "Sharpness", "color": "Colorfulness", "noise": "Noisiness"}
-KONIQ_SETS = {"training": "train", "train": "train", "validation": "val", "val": "val", "test": "test"}
+KONIQ_SETS = {"training": "train", "train": "train", "validation": "val", "val": "val",
+              "test": "test"}
 
 
 def _name_fields(path, row, col, name) -> tuple[str, int, int]:
@@ -248,17 +263,19 @@ def csiq_meta(path, row, col, name) -> tuple[str, int]:
     """(family, level) of a CSIQ file name <image>.<TYPE>.<lev>.png."""
     m = re.fullmatch(r"(.+)\.([^./]+)\.(\d+)\.\w+", os.path.basename(str(name)))
     if not m:
-        raise ValueError(f"{path}: row {row}, column '{col}': {name!r} is not named <image>.<TYPE>.<level>.png")
+        raise ValueError(f"{path}: row {row}, column '{col}': {name!r} is not named "
+                         "<image>.<TYPE>.<level>.png")
     return csiq_kind(path, row, col, m.group(2))[1], int(m.group(3))
 
 
 def live_meta(path, row, col, name) -> tuple[str | None, None]:
     """(family, no level) of a LIVE name <folder>/imgN: LIVE has no discrete levels."""
-    return {d: fam for d, _, fam in LIVE_FOLDERS}.get(str(name).replace("\\", "/").split("/")[0].lower()), None
+    folder = str(name).replace("\\", "/").split("/")[0].lower()
+    return {d: fam for d, _, fam in LIVE_FOLDERS}.get(folder), None
 
 
 def _livec_keep(name: str) -> bool:
-    return not re.fullmatch(r"t[1-7]\.\w+", os.path.basename(name))  # LIVE Challenge's 7 trial images
+    return not re.fullmatch(r"t[1-7]\.\w+", os.path.basename(name))  # LIVE-C's 7 trial images
 
 
 def _koniq(fs, opts):
@@ -266,26 +283,31 @@ def _koniq(fs, opts):
         path, sets = fs.annotation("koniq", "koniq10k_distributions_sets.csv"), True
     except FileNotFoundError:
         path, sets = fs.annotation("koniq", "koniq10k_scores_and_distributions.csv"), False
-    cols = {"image": ("image_name",), "mos": ("MOS", "MOS_zscore")} | ({"set": ("set",)} if sets else {})
+    cols = {"image": ("image_name",), "mos": ("MOS", "MOS_zscore")}
+    cols |= {"set": ("set",)} if sets else {}
     out = []
     for r, v, extra in _table(path, cols):
         split = KONIQ_SETS.get(str(v["set"]).strip().lower()) if sets else "all"
         if split is None:
             raise ValueError(f"{path}: row {r}, column 'set': unknown set {v['set']!r}")
-        out.append(Record(str(v["image"]), "koniq", "authentic", split, _number(path, r, "MOS", v["mos"]), extra=extra))
+        out.append(Record(str(v["image"]), "koniq", "authentic", split,
+                          _number(path, r, "MOS", v["mos"]), extra=extra))
     return out
 
 
 def _spaq(fs, opts):
     path = fs.annotation("spaq", "MOS and Image attribute scores.xlsx")
-    cols = {"image": ("Image name",), "mos": ("MOS",)} | {a: (c,) for a, c in SPAQ_ATTRIBUTES.items()}
-    return [Record(str(v["image"]), "spaq", "authentic", mos=_number(path, r, "MOS", v["mos"]), extra=extra,
+    cols = {"image": ("Image name",), "mos": ("MOS",)}
+    cols |= {a: (c,) for a, c in SPAQ_ATTRIBUTES.items()}
+    return [Record(str(v["image"]), "spaq", "authentic", mos=_number(path, r, "MOS", v["mos"]),
+                   extra=extra,
                    attributes={a: _number(path, r, c, v[a]) for a, c in SPAQ_ATTRIBUTES.items()})
             for r, v, extra in _table(path, cols)]
 
 
 def _livec(fs, opts):
-    ipath, mpath = fs.annotation("livec", "AllImages_release.mat"), fs.annotation("livec", "AllMOS_release.mat")
+    ipath = fs.annotation("livec", "AllImages_release.mat")
+    mpath = fs.annotation("livec", "AllMOS_release.mat")
     names = _mat_strings(_loadmat(ipath, "AllImages_release"))
     mos = _mat_floats(mpath, "AllMOS_release", _loadmat(mpath, "AllMOS_release"))
     if len(names) != len(mos):
@@ -295,10 +317,12 @@ def _livec(fs, opts):
 
 def _kadid(fs, opts):
     path, out = fs.annotation("kadid", "dmos.csv"), []
-    for r, v, extra in _table(path, {"image": ("dist_img",), "ref": ("ref_img",), "mos": ("dmos",)}):
+    cols = {"image": ("dist_img",), "ref": ("ref_img",), "mos": ("dmos",)}
+    for r, v, extra in _table(path, cols):
         family, level = kadid_meta(path, r, "dist_img", v["image"])
-        out.append(Record(str(v["image"]), "kadid", "synthetic", mos=_number(path, r, "dmos", v["mos"]),
-                          ref=str(v["ref"]), family=family, level=level, extra=extra))
+        out.append(Record(str(v["image"]), "kadid", "synthetic",
+                          mos=_number(path, r, "dmos", v["mos"]), ref=str(v["ref"]), family=family,
+                          level=level, extra=extra))
     return out
 
 
@@ -307,10 +331,11 @@ def _csiq(fs, opts):
     cols = {"image": ("image",), "type": ("dst_type",), "level": ("dst_lev",), "dmos": ("dmos",)}
     for r, v, extra in _table(path, cols):
         token, family = csiq_kind(path, r, "dst_type", v["type"])
-        level, dmos = int(_number(path, r, "dst_lev", v["level"])), _number(path, r, "dmos", v["dmos"])
+        level = int(_number(path, r, "dst_lev", v["level"]))
+        dmos = _number(path, r, "dmos", v["dmos"])
         image = str(v["image"]).strip().removesuffix(".0")
-        out.append(Record(f"{image}.{token}.{level}.png", "csiq", "synthetic", mos=1.0 - dmos, ref=image,
-                          family=family, level=level, extra=extra | {"dmos": dmos}))
+        out.append(Record(f"{image}.{token}.{level}.png", "csiq", "synthetic", mos=1.0 - dmos,
+                          ref=image, family=family, level=level, extra=extra | {"dmos": dmos}))
     return out
 
 
@@ -323,9 +348,11 @@ def _tid2013(fs, opts):
     for r, parts in lines:
         if len(parts) < 2:
             raise ValueError(f"{path}: row {r}, column 2 (name): missing in {' '.join(parts)!r}")
-        ref, (family, level) = _name_fields(path, r, "2 (name)", parts[1])[0], tid2013_meta(path, r, "2 (name)", parts[1])
-        out.append(Record(parts[1], "tid2013", "synthetic", mos=_number(path, r, "1 (MOS)", parts[0]),
-                          ref=ref, family=family, level=level))
+        ref = _name_fields(path, r, "2 (name)", parts[1])[0]
+        family, level = tid2013_meta(path, r, "2 (name)", parts[1])
+        out.append(Record(parts[1], "tid2013", "synthetic",
+                          mos=_number(path, r, "1 (MOS)", parts[0]), ref=ref, family=family,
+                          level=level))
     return out
 
 
@@ -336,24 +363,30 @@ def _bid(fs, opts):
         image = v["image"]
         if not isinstance(image, str) or image.strip().isdigit():
             image = f"DatabaseImage{int(_number(path, r, 'Image Number', image)):04d}"
-        out.append(Record(image, "bid", "authentic", mos=_number(path, r, cols["mos"][0], v["mos"]), extra=extra))
+        mos = _number(path, r, cols["mos"][0], v["mos"])
+        out.append(Record(image, "bid", "authentic", mos=mos, extra=extra))
     return out
 
 
 def _agiqa3k(fs, opts):
     path = fs.annotation("agiqa3k", "data.csv")
-    return [Record(str(v["image"]), "agiqa3k", "aigc", mos=_number(path, r, "mos_quality", v["mos"]), extra=extra)
-            for r, v, extra in _table(path, {"image": ("name",), "mos": ("mos_quality",)})]
+    cols = {"image": ("name",), "mos": ("mos_quality",)}
+    return [Record(str(v["image"]), "agiqa3k", "aigc",
+                   mos=_number(path, r, "mos_quality", v["mos"]), extra=extra)
+            for r, v, extra in _table(path, cols)]
 
 
 def _agiqa1k(fs, opts):
     path = fs.annotation("agiqa1k", "AIGC_MOS_Zscore.xlsx", "AIGC_MOS_Zscore.csv")
-    return [Record(str(v["image"]), "agiqa1k", "aigc", mos=_number(path, r, "MOS", v["mos"]), extra=extra)
-            for r, v, extra in _table(path, {"image": ("Image", "name"), "mos": ("MOS", "mos")})]
+    cols = {"image": ("Image", "name"), "mos": ("MOS", "mos")}
+    return [Record(str(v["image"]), "agiqa1k", "aigc", mos=_number(path, r, "MOS", v["mos"]),
+                   extra=extra)
+            for r, v, extra in _table(path, cols)]
 
 
 def _pipal(fs, opts):
-    labels = sorted(p for k, p in fs.path.items() if "label" in os.path.dirname(k) and k.endswith(".txt"))
+    labels = sorted(p for k, p in fs.path.items()
+                    if "label" in os.path.dirname(k) and k.endswith(".txt"))
     if not labels:
         raise FileNotFoundError(f"pipal: no Train_Label/*.txt under {fs.root}")
     out = []
@@ -364,8 +397,9 @@ def _pipal(fs, opts):
                 if line.strip():
                     name, _, score = line.strip().partition(",")
                     parts = os.path.splitext(name)[0].split("_") + [None, None]
-                    out.append(Record(name, "pipal", "synthetic", mos=_number(path, r, "2 (score)", score),
-                                      ref=parts[0], extra={"type": parts[1], "subtype": parts[2]}))
+                    mos = _number(path, r, "2 (score)", score)
+                    out.append(Record(name, "pipal", "synthetic", mos=mos, ref=parts[0],
+                                      extra={"type": parts[1], "subtype": parts[2]}))
     return out
 
 
@@ -375,12 +409,13 @@ def _live(fs, opts):
         dpath, var = fs.annotation("live", "dmos_realigned.mat"), "dmos_new"
     except FileNotFoundError:
         dpath, var = fs.annotation("live", "dmos.mat"), "dmos"
-    refs, dmos = _mat_strings(_loadmat(npath, "refnames_all")), _mat_floats(dpath, var, _loadmat(dpath, var))
+    refs = _mat_strings(_loadmat(npath, "refnames_all"))
+    dmos = _mat_floats(dpath, var, _loadmat(dpath, var))
     orgs = _mat_floats(dpath, "orgs", _loadmat(dpath, "orgs"))
     names = [(f"{d}/img{k}.bmp", fam) for d, n, fam in LIVE_FOLDERS for k in range(1, n + 1)]
     if not len(refs) == len(dmos) == len(orgs) == len(names):
-        raise ValueError(f"{dpath}: {len(dmos)} scores, {len(orgs)} orgs; {npath}: {len(refs)} names; "
-                         f"LIVE release 2 has {len(names)}")
+        raise ValueError(f"{dpath}: {len(dmos)} scores, {len(orgs)} orgs; {npath}: "
+                         f"{len(refs)} names; LIVE release 2 has {len(names)}")
     return [Record(n, "live", "synthetic", mos=100.0 - d, ref=ref, family=fam, extra={"dmos": d})
             for (n, fam), ref, d, o in zip(names, refs, dmos, orgs) if o == 0]
 
@@ -399,15 +434,18 @@ def _live(fs, opts):
 # Options: direction, domain, dataset (default <Name> of meta_info_<Name>Dataset.csv). A headerless
 # file is read as image, score.
 
-# (score direction, TOP of mos = TOP - score when lower is better, the (family, level) of a distorted image's name)
+# (score direction, TOP of mos = TOP - score when lower is better, the (family, level) of a
+# distorted image's name)
 PYIQA_FILES = {"KADID10k": ("higher", None, kadid_meta), "TID2013": ("higher", None, tid2013_meta),
                "TID2008": ("higher", None, tid2013_meta), "CSIQ": ("lower", 1.0, csiq_meta),
                "LIVEIQA": ("lower", 100.0, live_meta), "PIPAL": ("higher", None, None),
                "KonIQ10k": ("higher", None, None), "SPAQ": ("higher", None, None),
                "LIVEChallenge": ("higher", None, None)}
 PYIQA_COLUMNS = {"image": ("img_name", "image name", "image_name", "image", "name", "dist_name"),
-                 "ref": ("ref_name", "hq_name"), "score": ("mos", "dmos", "elo_score", "mos_zscore", "score")}
-PYIQA_SPLITS = KONIQ_SETS | {"0": "train", "1": "val", "2": "test"}  # pyiqa's KonIQ-10k file: 7,058 / 1,000 / 2,015
+                 "ref": ("ref_name", "hq_name"),
+                 "score": ("mos", "dmos", "elo_score", "mos_zscore", "score")}
+# pyiqa's KonIQ-10k file: 7,058 / 1,000 / 2,015
+PYIQA_SPLITS = KONIQ_SETS | {"0": "train", "1": "val", "2": "test"}
 
 
 def _pyiqa_name(path: str) -> str:
@@ -426,37 +464,45 @@ def pyiqa_direction(path: str, opts: dict) -> tuple[str, float]:
 
 def _pyiqa(fs, opts):
     path = opts["csv"]
-    rows = [(r, [str(c).strip() for c in row]) for r, row in enumerate(_rows(path), start=1) if row and any(row)]
+    rows = [(r, [str(c).strip() for c in row]) for r, row in enumerate(_rows(path), start=1)
+            if row and any(row)]
     if not rows:
-        raise ValueError(f"{path}: row 1: empty file, expected img_name,mos,... or ref_name,dist_name,mos,...")
+        raise ValueError(f"{path}: row 1: empty file, expected img_name,mos,... or "
+                         "ref_name,dist_name,mos,...")
     name, published = _pyiqa_name(path), PYIQA_FILES.get(_pyiqa_name(path))
     r0, header = rows[0]
     try:
         float(header[1] if len(header) > 1 else "")
-        cols, header, full = {"image": 0, "ref": None, "score": 1}, [], False  # headerless: image, score
+        # headerless: image, score
+        cols, header, full = {"image": 0, "ref": None, "score": 1}, [], False
     except ValueError:
         rows, low = rows[1:], [c.lower() for c in header]
-        cols = {k: next((low.index(c) for c in cands if c in low), None) for k, cands in PYIQA_COLUMNS.items()}
+        cols = {k: next((low.index(c) for c in cands if c in low), None)
+                for k, cands in PYIQA_COLUMNS.items()}
         full = cols["ref"] is not None and "dist_name" in low
         if full:
             cols["image"] = low.index("dist_name")
         if cols["image"] is None or cols["score"] is None:
             missing = "image" if cols["image"] is None else "score"
-            raise ValueError(f"{path}: row {r0}: unknown pyiqa layout {','.join(header)!r}: no {missing} column "
-                             f"(one of {', '.join(PYIQA_COLUMNS[missing])}); expected img_name,mos,... (no-reference) "
-                             f"or ref_name,dist_name,mos|dmos,... (full-reference)")
+            raise ValueError(f"{path}: row {r0}: unknown pyiqa layout {','.join(header)!r}: "
+                             f"no {missing} column (one of {', '.join(PYIQA_COLUMNS[missing])}); "
+                             "expected img_name,mos,... (no-reference) "
+                             "or ref_name,dist_name,mos|dmos,... (full-reference)")
     score_col = header[cols["score"]] if header else "2 (MOS)"
     direction, top = pyiqa_direction(path, opts)
     if published is None and "direction" not in opts and score_col.lower() == "dmos":
-        warnings.warn(f"{path}: column 'dmos' in a file this reader does not know (known: meta_info_<Name>Dataset.csv "
-                      f"for {', '.join(PYIQA_FILES)}): taken as higher is better; pass direction=lower "
+        warnings.warn(f"{path}: column 'dmos' in a file this reader does not know (known: "
+                      f"meta_info_<Name>Dataset.csv for {', '.join(PYIQA_FILES)}): taken as "
+                      "higher is better; pass direction=lower "
                       "(CLI: pyiqa=ROOT,FILE,direction=lower) if lower is better", stacklevel=4)
     meta = published[2] if published and full else None
     attrs = {a: next((i for i, c in enumerate(header) if c.lower() == col.lower()), None)
              for a, col in SPAQ_ATTRIBUTES.items()} if name == "SPAQ" else {}
     split_col = next((i for i, c in enumerate(header) if c.lower() == "split"), None)
     dataset, out, skip = opts.get("dataset") or name, [], set(cols.values()) | set(attrs.values())
-    names = [c if c not in header[:i] else f"{c}.{header[:i].count(c)}" for i, c in enumerate(header)]  # SPAQ repeats Brightness
+    # SPAQ repeats Brightness: a repeated column is named column.1, column.2, ...
+    names = [c if c not in header[:i] else f"{c}.{header[:i].count(c)}"
+             for i, c in enumerate(header)]
     for r, row in rows:
         if len(row) <= max(i for i in cols.values() if i is not None):
             raise ValueError(f"{path}: row {r}, column '{score_col}': missing")
@@ -468,13 +514,14 @@ def _pyiqa(fs, opts):
         if split_col is not None:
             split = PYIQA_SPLITS.get(row[split_col].lower())
             if split is None:
-                raise ValueError(f"{path}: row {r}, column '{header[split_col]}': unknown split {row[split_col]!r} "
-                                 f"(known: {', '.join(PYIQA_SPLITS)})")
+                raise ValueError(f"{path}: row {r}, column '{header[split_col]}': unknown split "
+                                 f"{row[split_col]!r} (known: {', '.join(PYIQA_SPLITS)})")
             extra.pop(header[split_col])
         family, level = meta(path, r, header[cols["image"]], image) if meta else (None, None)
-        out.append(Record(image, dataset, opts.get("domain") or ("synthetic" if full else "authentic"), split,
-                          score if direction == "higher" else top - score,
-                          {a: _number(path, r, header[i], row[i]) for a, i in attrs.items() if i is not None},
+        domain = opts.get("domain") or ("synthetic" if full else "authentic")
+        labels = {a: _number(path, r, header[i], row[i]) for a, i in attrs.items() if i is not None}
+        out.append(Record(image, dataset, domain, split,
+                          score if direction == "higher" else top - score, labels,
                           row[cols["ref"]] if full else None, family, level,
                           extra | ({score_col: score} if direction == "lower" else {})))
     return out
@@ -488,11 +535,15 @@ def _pyiqa(fs, opts):
 def _manifest(fs, opts):
     path, out = opts["csv"], []
     for r, v, extra in _table(path, {"image": ("image",), "mos": ("mos",)}):
-        get = lambda k: str(extra.pop(k, None) or "").strip()  # noqa: E731
+
+        def get(column):
+            """The row's value of an optional column, "" when absent (taken out of extra)."""
+            return str(extra.pop(column, None) or "").strip()
         attrs = {a: _number(path, r, a, s) for a in LABELLED if (s := get(a))}
         ref, family, level = get("ref") or None, get("family") or None, get("level")
-        out.append(Record(str(v["image"]), get("dataset") or os.path.basename(os.path.abspath(fs.root)),
-                          get("domain") or ("synthetic" if ref else "authentic"), get("split") or "all",
+        dataset = get("dataset") or os.path.basename(os.path.abspath(fs.root))
+        domain = get("domain") or ("synthetic" if ref else "authentic")
+        out.append(Record(str(v["image"]), dataset, domain, get("split") or "all",
                           _number(path, r, "mos", v["mos"]), attrs, ref, family,
                           int(_number(path, r, "level", level)) if level else None, extra))
     return out
@@ -516,11 +567,13 @@ READERS = {
     "pyiqa": (_pyiqa, ("",), ("file", "direction", "domain", "dataset")),
     "manifest": (_manifest, ("",), ("file",)),
 }
-DIRECTION = {"csiq": "higher is better (mos = 1 - DMOS)", "live": "higher is better (mos = 100 - DMOS)"}
+DIRECTION = {"csiq": "higher is better (mos = 1 - DMOS)",
+             "live": "higher is better (mos = 100 - DMOS)"}
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict]:
-    """The command-line form NAME=ROOT[,FILE][,KEY=VALUE ...] -> (name, root, options for load_dataset)."""
+    """The command-line form NAME=ROOT[,FILE][,KEY=VALUE ...] -> (name, root, options for
+    load_dataset)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise ValueError(f"expected NAME=ROOT[,FILE][,KEY=VALUE ...], got {spec!r}")
@@ -541,14 +594,17 @@ def _load(name: str, root: str, **opts) -> tuple[list[Record], list[Record]]:
     read, folders, options = READERS[name]
     unknown = sorted(set(opts) - set(options))
     if unknown:
-        raise ValueError(f"{name}: unknown option {unknown[0]!r} (this reader takes: {', '.join(options) or 'none'})")
+        raise ValueError(f"{name}: unknown option {unknown[0]!r} "
+                         f"(this reader takes: {', '.join(options) or 'none'})")
     if name in ("pyiqa", "manifest"):  # root: the CSV itself, or a folder with file= naming the CSV
         if os.path.isfile(root):
             opts["csv"], root = root, os.path.dirname(root) or "."
         elif opts.get("file") or name == "manifest":
-            opts["csv"] = os.path.join(root, opts.get("file") or "manifest.csv")  # file= may be absolute
+            # file= may be absolute
+            opts["csv"] = os.path.join(root, opts.get("file") or "manifest.csv")
         else:
-            raise ValueError(f"pyiqa: {root!r} is a folder; pass the meta-info CSV as root, or file=")
+            raise ValueError(f"pyiqa: {root!r} is a folder; pass the meta-info CSV as root, "
+                             "or file=")
         if not os.path.isfile(opts["csv"]):
             raise FileNotFoundError(f"{name}: no CSV at {opts['csv']!r}")
         if name == "manifest":
@@ -565,11 +621,13 @@ def _load(name: str, root: str, **opts) -> tuple[list[Record], list[Record]]:
 
 def load_dataset(name: str, root: str, strict: bool = False, **opts) -> list[Record]:
     """Records of one dataset (the comments above each reader list its files). Listed images missing
-    on disk are skipped with a warning naming the first few, or raise FileNotFoundError with strict=True."""
+    on disk are skipped with a warning naming the first few, or raise FileNotFoundError with
+    strict=True."""
     found, missing = _load(name, root, **opts)
     if missing:
-        msg = f"{name}: {len(missing)} of {len(found) + len(missing)} listed images missing under {root}: " + \
-              ", ".join(r.image for r in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        msg = (f"{name}: {len(missing)} of {len(found) + len(missing)} listed images missing "
+               f"under {root}: " + ", ".join(r.image for r in missing[:5])
+               + (" ..." if len(missing) > 5 else ""))
         if strict:
             raise FileNotFoundError(msg)
         warnings.warn(msg + " (skipped)", stacklevel=2)
@@ -580,8 +638,9 @@ def load_dataset(name: str, root: str, strict: bool = False, **opts) -> list[Rec
 
 def split_records(records: list[Record], seed: int = 0, synthetic_fractions=(0.6, 0.2, 0.2),
                   test_fraction: float = 0.2) -> list[Record]:
-    """Per dataset: keep an official split; else a seeded reference-disjoint train/val/test split for
-    synthetic datasets with references (as VisualQuality-R1 for KADID-10k); else seeded train/test."""
+    """Per dataset: keep an official split; else a seeded reference-disjoint train/val/test split
+    for synthetic datasets with references (as VisualQuality-R1 for KADID-10k); else seeded
+    train/test."""
     by_set: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_set.setdefault(r.dataset, []).append(i)
@@ -597,9 +656,11 @@ def split_records(records: list[Record], seed: int = 0, synthetic_fractions=(0.6
         cuts = np.cumsum(synthetic_fractions)[:-1] if grouped else [1 - test_fraction]
         bounds = [round(c * len(units)) for c in cuts] + [len(units)]
         names = ("train", "val", "test") if grouped else ("train", "test")
-        split_of = {u: names[next(k for k, b in enumerate(bounds) if j < b)] for j, u in enumerate(units)}
+        split_of = {u: names[next(k for k, b in enumerate(bounds) if j < b)]
+                    for j, u in enumerate(units)}
         for i in idx:
-            out[i] = replace(records[i], split=split_of[records[i].ref if grouped else records[i].image])
+            unit = records[i].ref if grouped else records[i].image
+            out[i] = replace(records[i], split=split_of[unit])
     return out
 
 
@@ -615,11 +676,13 @@ def save_split(records: list[Record], path: str, hashes: list[str] | None = None
 
 def load_split(path: str) -> dict[str, str]:
     """{image: split} from save_split's CSV."""
-    return {str(v["image"]): str(v["split"]) for _, v, _ in _table(path, {"image": ("image",), "split": ("split",)})}
+    rows = _table(path, {"image": ("image",), "split": ("split",)})
+    return {str(v["image"]): str(v["split"]) for _, v, _ in rows}
 
 
 def apply_split(records: list[Record], split: dict[str, str]) -> list[Record]:
-    """Records with the saved split; an image the split does not list is an error (never guessed)."""
+    """Records with the saved split; an image the split does not list is an error (never
+    guessed)."""
     absent = [r.image for r in records if r.image not in split]
     if absent:
         raise ValueError(f"{len(absent)} images are not in the saved split, e.g. {absent[:3]}")
@@ -748,13 +811,19 @@ def stratified_subset(records: list[Record], n: int, seed: int = 0) -> list[Reco
     by_set: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_set.setdefault(r.dataset, []).append(i)
-    names = sorted(by_set, key=lambda k: -len(by_set[k]))  # stable: ties keep first appearance
+    def largest_first(name):
+        return -len(by_set[name])
+    names = sorted(by_set, key=largest_first)  # stable: ties keep first appearance
     if n < len(names):
         quota = {k: int(i < n) for i, k in enumerate(names)}
     else:
-        exact = {k: (n - len(names)) * (len(by_set[k]) - 1) / (len(records) - len(names)) for k in names}
+        exact = {k: (n - len(names)) * (len(by_set[k]) - 1) / (len(records) - len(names))
+                 for k in names}
         quota = {k: 1 + math.floor(exact[k]) for k in names}
-        for k in sorted(names, key=lambda k: -(exact[k] - math.floor(exact[k])))[:n - sum(quota.values())]:
+
+        def largest_remainder(name):
+            return -(exact[name] - math.floor(exact[name]))
+        for k in sorted(names, key=largest_remainder)[:n - sum(quota.values())]:
             quota[k] += 1
     keep = []
     for name, idx in by_set.items():
@@ -770,11 +839,11 @@ class Sampler:
     images; a dataset with references is drawn as a few references with several images each,
     those of one family (and the clean ones) first, so metadata pairs exist.
 
-    Each batch: {"dataset", "domain", "records" (B), and reward.preferences of them: "labels" (B, A),
-    ground truth "P" (A, B, B) and its mask "M" (A, B, B)}."""
+    Each batch: {"dataset", "domain", "records" (B), and reward.preferences of them:
+    "labels" (B, A), ground truth "P" (A, B, B) and its mask "M" (A, B, B)}."""
 
-    def __init__(self, datasets: dict[str, list[Record]], batch_size: int, alpha: float = 0.5, seed: int = 0,
-                 refs_per_batch: int | None = None):
+    def __init__(self, datasets: dict[str, list[Record]], batch_size: int, alpha: float = 0.5,
+                 seed: int = 0, refs_per_batch: int | None = None):
         self.names = sorted(n for n in datasets if datasets[n])
         if not self.names:
             raise ValueError("Sampler needs at least one non-empty dataset")
@@ -799,11 +868,14 @@ class Sampler:
         per = [self.batch_size // n_refs + (k < self.batch_size % n_refs) for k in range(n_refs)]
         for g, take in zip(rng.choice(len(groups), size=n_refs, replace=False), per):
             members = [groups[g][j] for j in rng.permutation(len(groups[g]))]
-            family = next((recs[i].family for i in members if recs[i].family), None)  # in proportion to its images
-            first = [i for i in members if recs[i].family == family or (recs[i].family is None and recs[i].level == 0)]
+            # a family drawn in proportion to its images; its images and the clean ones first
+            family = next((recs[i].family for i in members if recs[i].family), None)
+            first = [i for i in members if recs[i].family == family
+                     or (recs[i].family is None and recs[i].level == 0)]
             chosen += (first + [i for i in members if i not in first])[:take]
         rest = np.setdiff1d(np.arange(len(recs)), chosen)
-        return chosen + list(rng.choice(rest, size=min(self.batch_size - len(chosen), len(rest)), replace=False))
+        size = min(self.batch_size - len(chosen), len(rest))
+        return chosen + list(rng.choice(rest, size=size, replace=False))
 
     def sample(self) -> dict:
         name = self.names[self.rng.choice(len(self.names), p=self.probs)]
@@ -812,7 +884,8 @@ class Sampler:
             self.rng.choice(len(recs), size=min(self.batch_size, len(recs)), replace=False)
         batch = [recs[int(i)] for i in idx]
         labels, P, M = reward.preferences(batch)
-        return {"dataset": name, "domain": batch[0].domain, "records": batch, "labels": labels, "P": P, "M": M}
+        return {"dataset": name, "domain": batch[0].domain, "records": batch, "labels": labels,
+                "P": P, "M": M}
 
     __next__ = sample
 
@@ -824,14 +897,16 @@ class Sampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["names"] != self.names:
-            raise ValueError(f"sampler state is for datasets {state['names']}, this sampler has {self.names}")
+            raise ValueError(f"sampler state is for datasets {state['names']}, this sampler has "
+                             f"{self.names}")
         self.rng.bit_generator.state = state["rng"]
 
 
 # ----------------------------------------------------------------------------- command line
 
 def summary(name: str, root: str, **opts) -> str:
-    """A few lines on one dataset: images found and missing, splits, MOS range and direction, labels."""
+    """A few lines on one dataset: images found and missing, splits, MOS range and direction,
+    labels."""
     found, missing = _load(name, root, **opts)
     mos = [r.mos for r in found]
     splits = {s: sum(r.split == s for r in found) for s in ("train", "val", "test", "all")}
@@ -841,8 +916,12 @@ def summary(name: str, root: str, **opts) -> str:
     made = "a reference-disjoint 60/20/20" if by_ref else "a seeded 80/20"
     direction = DIRECTION.get(name, "higher is better")
     if name == "pyiqa":  # the file's own direction
-        lower, top = pyiqa_direction(root if os.path.isfile(root) else os.path.join(root, opts.get("file", "")), opts)
-        direction = f"lower-is-better score flipped: mos = {top:g} - score" if lower == "lower" else "higher is better, as given"
+        csv_path = root if os.path.isfile(root) else os.path.join(root, opts.get("file", ""))
+        lower, top = pyiqa_direction(csv_path, opts)
+        if lower == "lower":
+            direction = f"lower-is-better score flipped: mos = {top:g} - score"
+        else:
+            direction = "higher is better, as given"
         name = f"pyiqa {found[0].dataset}" if found else name
     return (f"{name}: {len(found)} images ({len(missing)} listed but missing on disk)\n"
             f"  splits: {', '.join(f'{k} {v}' for k, v in splits.items() if v)}"
@@ -857,8 +936,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True,
                                 help="summary: check datasets; freeze: write hashed test lists")
-    m = sub.add_parser("summary", help="images, splits, MOS range, labels and missing files per dataset")
-    m.add_argument("datasets", nargs="+", help=f"NAME=ROOT[,FILE][,KEY=VALUE ...], NAME in {', '.join(READERS)}")
+    m = sub.add_parser("summary",
+                       help="images, splits, MOS range, labels and missing files per dataset")
+    m.add_argument("datasets", nargs="+",
+                   help=f"NAME=ROOT[,FILE][,KEY=VALUE ...], NAME in {', '.join(READERS)}")
     f = sub.add_parser("freeze", help="each dataset's test split with the SHA-256 of every image, "
                                       "for evaluate.py --data NAME=ROOT,frozen=OUT/<dataset>.csv")
     f.add_argument("datasets", nargs="+", help="NAME=ROOT[,FILE][,KEY=VALUE ...], as for summary")

@@ -4,12 +4,13 @@ In this order: the metrics (SRCC, KRCC tau-b, PLCC raw and after the 4-parameter
 bootstrap intervals, the within-family attribute SRCC), result rows and runs, summaries, paired
 comparison, the command line. report.py draws what these compute.
 
-    python evaluate.py --model runs/demo/final --data manifest=runs/synth --split test --out runs/ev --report
-    python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --data koniq=/data/koniq10k spaq=/data/spaq --out runs/eval
+    python evaluate.py --model runs/demo/final --data manifest=runs/synth --split test \
+        --out runs/ev --report
+    python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --data koniq=/data/koniq10k --out runs/ev
     python evaluate.py --model M --data pyiqa=/data/csiq,meta_info_CSIQDataset.csv --out runs/csiq
-    python evaluate.py --model tiny --data manifest=runs/synth --split test --limit 20 --out runs/ev  # offline
-    python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --suite --data-root /data --out runs/eval_suite
-    python evaluate.py --compare runs/a/koniq.jsonl runs/b/koniq.jsonl     # files or folders of *.jsonl
+    python evaluate.py --model tiny --data manifest=runs/synth --limit 20 --out runs/ev  # offline
+    python evaluate.py --model Qwen/Qwen2.5-VL-7B-Instruct --suite --data-root /data --out runs/s
+    python evaluate.py --compare runs/a/koniq.jsonl runs/b/koniq.jsonl  # files or folders of jsonl
     python evaluate.py --model runs/m/merged --data kadid=/data/kadid10k,frozen=frozen/kadid.csv ...
 
 A run writes, in --out: run.json (model, adapter, mode, pixel cap: a rerun with other settings is
@@ -37,8 +38,8 @@ trained images, marked; a model without the list is scored as given ("training i
 --data NAME=ROOT,frozen=FILE (a data.py freeze list), or a manifest with a sha256 column, scores
 only files whose bytes match, and names every missing or changed one instead of scoring.
 
-Departures (PLCC after the fit, NaN predictions, the average row, compare): docs/METHOD.md, section 7,
-departure 10.
+Departures (PLCC after the fit, NaN predictions, the average row, compare): docs/METHOD.md, section
+7, departure 10.
 """
 from __future__ import annotations
 
@@ -110,8 +111,12 @@ def krcc(pred, gt) -> float:
         return math.nan
     concordance, chunk = 0.0, max(1, 1_000_000 // n)
     for i in range(0, n, chunk):
-        concordance += float((np.sign(x[i:i + chunk, None] - x) * np.sign(y[i:i + chunk, None] - y)).sum())
-    untied = [n * (n - 1) - float(((c := np.unique(v, return_counts=True)[1]) * (c - 1)).sum()) for v in (x, y)]
+        signs = np.sign(x[i:i + chunk, None] - x) * np.sign(y[i:i + chunk, None] - y)
+        concordance += float(signs.sum())
+    untied = []
+    for v in (x, y):
+        counts = np.unique(v, return_counts=True)[1]
+        untied.append(n * (n - 1) - float((counts * (counts - 1)).sum()))
     return float(concordance / math.sqrt(untied[0] * untied[1])) if min(untied) > 0 else math.nan
 
 
@@ -122,8 +127,9 @@ def logistic4(x, b) -> np.ndarray:
 
 
 def fit_logistic4(x, y, max_iter: int = 1000) -> np.ndarray:
-    """Least-squares b for logistic4 from the start above: Levenberg-Marquardt with MINPACK's scaling
-    (the largest diag(J^T J) seen so far, as scipy's curve_fit) and Nielsen's damping update."""
+    """Least-squares b for logistic4 from the start above: Levenberg-Marquardt with MINPACK's
+    scaling (the largest diag(J^T J) seen so far, as scipy's curve_fit) and Nielsen's damping
+    update."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     b = np.array([y.max(), y.min(), x.mean(), x.std() / 4.0])
     r = y - logistic4(x, b)
@@ -133,12 +139,13 @@ def fit_logistic4(x, y, max_iter: int = 1000) -> np.ndarray:
         z = (x - b[2]) / a
         s = 0.5 * (1.0 + np.tanh(z / 2.0))
         ds = (b[0] - b[1]) * s * (1.0 - s)
-        jac = np.stack([s, 1.0 - s, -ds / a, -ds * z / a * (1.0 if b[3] >= 0 else -1.0)], axis=1)  # (N, 4)
+        sign = 1.0 if b[3] >= 0 else -1.0
+        jac = np.stack([s, 1.0 - s, -ds / a, -ds * z / a * sign], axis=1)  # (N, 4)
         jtj, jtr = jac.T @ jac, jac.T @ r
         scale = np.maximum(scale, np.diag(jtj))
         damping = scale + 1e-12 * (1.0 + scale.max())
         while lam < 1e16:
-            step = np.linalg.solve(jtj + lam * np.diag(damping), jtr)  # positive definite: damping > 0
+            step = np.linalg.solve(jtj + lam * np.diag(damping), jtr)  # damping > 0: pos. definite
             r_new = y - logistic4(x, b + step)
             sse_new = float(r_new @ r_new)
             if sse_new < sse:
@@ -173,7 +180,12 @@ def metrics(pred, gt) -> dict:
             "plcc_raw": plcc(pred, gt), "n": int(y.size), "n_nan": n_nan}
 
 
-METRICS = {"srcc": srcc, "krcc": krcc, "plcc": lambda p, g: plcc(p, g, fit="logistic4"), "plcc_raw": plcc}
+def plcc_logistic(pred, gt) -> float:
+    """PLCC after the 4-parameter logistic fit: the PLCC of tables."""
+    return plcc(pred, gt, fit="logistic4")
+
+
+METRICS = {"srcc": srcc, "krcc": krcc, "plcc": plcc_logistic, "plcc_raw": plcc}
 
 
 def bootstrap_ci(pred, gt, metric=srcc, n: int = 1000, seed: int = 0,
@@ -182,7 +194,8 @@ def bootstrap_ci(pred, gt, metric=srcc, n: int = 1000, seed: int = 0,
     metric = METRICS[metric] if isinstance(metric, str) else metric
     x, y, _ = finite_pairs(pred, gt)
     rng = np.random.default_rng(seed)
-    values = np.array([metric(x[idx], y[idx]) for idx in (rng.integers(0, x.size, x.size) for _ in range(n))])
+    resamples = (rng.integers(0, x.size, x.size) for _ in range(n))
+    values = np.array([metric(x[idx], y[idx]) for idx in resamples])
     if not np.isfinite(values).any():
         return metric(x, y), math.nan, math.nan
     low, high = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
@@ -190,11 +203,13 @@ def bootstrap_ci(pred, gt, metric=srcc, n: int = 1000, seed: int = 0,
 
 
 def label(row_or_record, attribute: str) -> float:
-    """The ground truth of one attribute (overall: the MOS) of a result row or a Record; NaN if absent."""
+    """The ground truth of one attribute (overall: the MOS) of a result row or a Record; NaN if
+    absent."""
     if isinstance(row_or_record, dict):
-        value = row_or_record["mos"] if attribute == "overall" else row_or_record["labels"].get(attribute)
+        mos, labels = row_or_record["mos"], row_or_record["labels"]
     else:
-        value = row_or_record.mos if attribute == "overall" else row_or_record.attributes.get(attribute)
+        mos, labels = row_or_record.mos, row_or_record.attributes
+    value = mos if attribute == "overall" else labels.get(attribute)
     return math.nan if value is None else float(value)
 
 
@@ -213,16 +228,19 @@ def attribute_srcc_within_family(rows, records) -> dict[str, float]:
     recs, out = match(rows, records), {}
     for a in LABELLED:
         pairs = [(row[a], label(rec, a)) for row, rec in zip(rows, recs)
-                 if FAMILY_TO_ATTRIBUTE.get(rec.family) == a or (rec.family is None and rec.level == 0)]
+                 if FAMILY_TO_ATTRIBUTE.get(rec.family) == a
+                 or (rec.family is None and rec.level == 0)]
         x, y, _ = finite_pairs([p for p, _ in pairs], [g for _, g in pairs])
         out[a] = srcc(x, y) if x.size >= 3 else math.nan
     return out
 
 
-SUITE = (  # (dataset reader, folder under --data-root, split: "official" test, "reference-disjoint" test, or all)
-    ("koniq", "koniq10k", "official"), ("spaq", "spaq", None), ("livec", "livec", None), ("bid", "bid", None),
-    ("kadid", "kadid10k", "reference-disjoint"), ("csiq", "csiq", None), ("tid2013", "tid2013", None),
-    ("agiqa3k", "agiqa3k", None))
+# (dataset reader, folder under --data-root, split: "official" test, "reference-disjoint" test, or
+# None: all); a dataset the scored model trained on takes its run's test split instead (held_out)
+SUITE = (
+    ("koniq", "koniq10k", "official"), ("spaq", "spaq", None), ("livec", "livec", None),
+    ("bid", "bid", None), ("kadid", "kadid10k", "reference-disjoint"), ("csiq", "csiq", None),
+    ("tid2013", "tid2013", None), ("agiqa3k", "agiqa3k", None))
 
 # ----------------------------------------------------------------------------- result rows
 
@@ -240,7 +258,8 @@ def read_rows(path: str) -> list[dict]:
             row = json.loads(line)
             for key in ("mos", *ATTRIBUTES):
                 row[key] = math.nan if row[key] is None else float(row[key])
-            row["labels"] = {k: math.nan if v is None else float(v) for k, v in row["labels"].items()}
+            row["labels"] = {k: math.nan if v is None else float(v)
+                             for k, v in row["labels"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}: line {number}: not a result row ({err})") from None
         rows.append(row)
@@ -256,8 +275,9 @@ def result_row(rec, res: dict, thinking: bool) -> dict:
             "strict": bool(res["strict"]), "thinking": thinking, "completion": res["completion"]}
 
 
-def evaluate_records(model, processor, records, out_jsonl: str | None = None, thinking: bool = True,
-                     batch_size: int = 8, max_new_tokens: int | None = None, progress: bool = False) -> list[dict]:
+def evaluate_records(model, processor, records, out_jsonl: str | None = None,
+                     thinking: bool = True, batch_size: int = 8, max_new_tokens: int | None = None,
+                     progress: bool = False) -> list[dict]:
     """Score records with mgiqa.score; one row per record, in records order. With out_jsonl, rows
     already in that file are reused and new ones are appended and fsync'd after every batch."""
     keys = [(r.dataset, r.image) for r in records]
@@ -271,8 +291,8 @@ def evaluate_records(model, processor, records, out_jsonl: str | None = None, th
             f.truncate(content.rfind(b"\n") + 1)
         for row in read_rows(out_jsonl):
             if row["thinking"] != thinking:
-                raise ValueError(f"{out_jsonl}: has rows scored with thinking={row['thinking']}; this run uses "
-                                 f"thinking={thinking}. Use another --out.")
+                raise ValueError(f"{out_jsonl}: has rows scored with thinking={row['thinking']}; "
+                                 f"this run uses thinking={thinking}. Use another --out.")
             done[(row["dataset"], row["image"])] = row
     todo = [r for r, k in zip(records, keys) if k not in done]
     missing = [r.image for r in todo if not os.path.isfile(r.image)]
@@ -280,8 +300,8 @@ def evaluate_records(model, processor, records, out_jsonl: str | None = None, th
         raise FileNotFoundError(f"{len(missing)} images missing, first: {', '.join(missing[:3])}")
     from tqdm import tqdm
     out = open(out_jsonl, "a", encoding="utf-8") if out_jsonl else contextlib.nullcontext()
-    with out, tqdm(total=len(todo), desc=f"evaluating {records[0].dataset if records else ''}", unit="img",
-                   disable=not progress or not todo) as bar:
+    desc = f"evaluating {records[0].dataset if records else ''}"
+    with out, tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             results = mgiqa.score(model, processor, [r.image for r in chunk], thinking=thinking,
@@ -310,7 +330,8 @@ def summarize(rows, records) -> dict:
         group_recs.append(rec)
     datasets = {}
     for name, (group, group_recs) in groups.items():
-        entry = {"n": len(group), "parse_failures": sum(not math.isfinite(r["overall"]) for r in group),
+        entry = {"n": len(group),
+                 "parse_failures": sum(not math.isfinite(r["overall"]) for r in group),
                  "unparsed": {a: sum(not math.isfinite(r[a]) for r in group) for a in ATTRIBUTES},
                  "strict_rate": sum(r["strict"] for r in group) / len(group), "metrics": {}}
         for a in ATTRIBUTES:
@@ -329,7 +350,8 @@ def average_of(datasets: dict) -> dict:
     for a in ATTRIBUTES:
         having = [d["metrics"][a] for d in datasets.values() if a in d["metrics"]]
         if having:
-            average[a] = {m: float(np.mean([h[m] for h in having])) for m in ("srcc", "krcc", "plcc", "plcc_raw")}
+            average[a] = {m: float(np.mean([h[m] for h in having]))
+                          for m in ("srcc", "krcc", "plcc", "plcc_raw")}
             average[a]["datasets"] = len(having)
     return average
 
@@ -357,7 +379,8 @@ def results_table(summary: dict) -> str:
     head = ["dataset", "n", "unparsed"] + [f"{a} {m}" for a in columns for m in ("SRCC", "PLCC")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, d in summary["datasets"].items():
-        cells = [_cell(d["metrics"][a][m]) if a in d["metrics"] else "-" for a in columns for m in ("srcc", "plcc")]
+        cells = [_cell(d["metrics"][a][m]) if a in d["metrics"] else "-"
+                 for a in columns for m in ("srcc", "plcc")]
         lines.append(f"| {name} | {d['n']} | {d['parse_failures']} | " + " | ".join(cells) + " |")
     cells = [_cell(summary["average"][a][m]) for a in columns for m in ("srcc", "plcc")]
     lines.append("| average | | | " + " | ".join(cells) + " |")
@@ -369,7 +392,8 @@ def scatter_plots(rows, out_dir: str) -> str:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        return "note: matplotlib is not installed, so no scatter plots were drawn (pip install matplotlib)"
+        return ("note: matplotlib is not installed, so no scatter plots were drawn "
+                "(pip install matplotlib)")
     names = list(dict.fromkeys(row["dataset"] for row in rows))
     for name in names:
         group = [row for row in rows if row["dataset"] == name]
@@ -383,8 +407,9 @@ def scatter_plots(rows, out_dir: str) -> str:
 
 
 def compare(a_rows, b_rows, attribute: str = "overall", n: int = 1000, seed: int = 0) -> dict:
-    """Paired bootstrap of SRCC(A) - SRCC(B) per dataset over the images both scored: the difference,
-    its 95% interval and the share of resamples in which A beats B; plus the average over datasets."""
+    """Paired bootstrap of SRCC(A) - SRCC(B) per dataset over the images both scored: the
+    difference, its 95% interval and the share of resamples in which A beats B; plus the average
+    over datasets."""
     b_by_key = {(r["dataset"], r["image"]): r for r in b_rows}
     groups = {}
     for ra in a_rows:
@@ -392,7 +417,8 @@ def compare(a_rows, b_rows, attribute: str = "overall", n: int = 1000, seed: int
         if rb is not None:
             la, lb = label(ra, attribute), label(rb, attribute)
             if la != lb and not (math.isnan(la) and math.isnan(lb)):
-                raise ValueError(f"{ra['image']} ({ra['dataset']}): the two files disagree on its {attribute} label")
+                raise ValueError(f"{ra['image']} ({ra['dataset']}): the two files disagree on its "
+                                 f"{attribute} label")
             groups.setdefault(ra["dataset"], []).append((ra[attribute], rb[attribute], la))
     if not groups:
         raise ValueError("the two result files share no (dataset, image)")
@@ -407,7 +433,8 @@ def compare(a_rows, b_rows, attribute: str = "overall", n: int = 1000, seed: int
         out[name] = _paired(srcc(pa, gt), srcc(pb, gt), boots[-1], gt.size, unparsed)
     parts = list(out.values())
     mean = {k: float(np.mean([d[k] for d in parts])) for k in ("srcc_a", "srcc_b")}
-    out["average"] = _paired(mean["srcc_a"], mean["srcc_b"], np.mean(boots, axis=0), sum(d["n"] for d in parts),
+    out["average"] = _paired(mean["srcc_a"], mean["srcc_b"], np.mean(boots, axis=0),
+                             sum(d["n"] for d in parts),
                              np.sum([d["unparsed"] for d in parts], axis=0).tolist())
     return out
 
@@ -415,14 +442,17 @@ def compare(a_rows, b_rows, attribute: str = "overall", n: int = 1000, seed: int
 def _paired(srcc_a: float, srcc_b: float, boot: np.ndarray, n: int, unparsed: list[int]) -> dict:
     finite = boot[np.isfinite(boot)]
     low, high = np.percentile(finite, [2.5, 97.5]) if finite.size else (math.nan, math.nan)
-    return {"n": int(n), "unparsed": unparsed, "srcc_a": srcc_a, "srcc_b": srcc_b, "diff": srcc_a - srcc_b,
-            "low": float(low), "high": float(high), "a_better": float((finite > 0).mean()) if finite.size else math.nan}
+    a_better = float((finite > 0).mean()) if finite.size else math.nan
+    return {"n": int(n), "unparsed": unparsed, "srcc_a": srcc_a, "srcc_b": srcc_b,
+            "diff": srcc_a - srcc_b, "low": float(low), "high": float(high), "a_better": a_better}
 
 
 def compare_table(result: dict) -> str:
-    lines = ["| dataset | n | unparsed A/B | SRCC A | SRCC B | A - B | 95% interval | A better |", "|---" * 8 + "|"]
+    lines = ["| dataset | n | unparsed A/B | SRCC A | SRCC B | A - B | 95% interval | A better |",
+             "|---" * 8 + "|"]
     for name, d in result.items():
-        lines.append(f"| {name} | {d['n']} | {d['unparsed'][0]}/{d['unparsed'][1]} | {_cell(d['srcc_a'])} | {_cell(d['srcc_b'])} | {_cell(d['diff'])} | "
+        lines.append(f"| {name} | {d['n']} | {d['unparsed'][0]}/{d['unparsed'][1]} | "
+                     f"{_cell(d['srcc_a'])} | {_cell(d['srcc_b'])} | {_cell(d['diff'])} | "
                      f"[{_cell(d['low'])}, {_cell(d['high'])}] | {d['a_better']:.1%} |")
     return "\n".join(lines) + "\n"
 
@@ -430,54 +460,71 @@ def compare_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 def select_split(records, split: str | None, seed: int = 0, official: bool = False) -> list:
-    """Records of one split: the dataset's own split when it has one, else (official=False) the seeded
-    split of data.split_records (reference-disjoint for a synthetic dataset with references)."""
+    """Records of one split: the dataset's own split when it has one, else (official=False) the
+    seeded split of data.split_records (reference-disjoint for a synthetic dataset with
+    references)."""
     if split in (None, "all"):
         return list(records)
     if not any(r.split == split for r in records):
         if official:
-            raise ValueError(f"{records[0].dataset}: no official '{split}' split in its annotation files")
+            raise ValueError(f"{records[0].dataset}: no official '{split}' split in its "
+                             "annotation files")
         records = data.split_records(records, seed=seed)
     return [r for r in records if r.split == split]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate an MG-IQA model on IQA benchmarks, or compare runs.")
+    parser = argparse.ArgumentParser(
+        description="Evaluate an MG-IQA model on IQA benchmarks, or compare runs.")
     g = parser.add_argument_group("model")
-    g.add_argument("--model", help="checkpoint folder or hub id; one of mgiqa.TINY_MODELS ('tiny', ...) for an untrained offline model")
+    g.add_argument("--model", help="checkpoint folder or hub id; one of mgiqa.TINY_MODELS ('tiny', "
+                                   "...) for an untrained offline model")
     g.add_argument("--adapter", default=None, help="LoRA adapter folder written by grpo.py")
-    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--fast", action="store_true", help="answer only, no reasoning (non-thinking prompt)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per generate call; rows are flushed per batch")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="default: mgiqa.score's (mgiqa.MAX_NEW_TOKENS)")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--fast", action="store_true",
+                   help="answer only, no reasoning (non-thinking prompt)")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="images per generate call; rows are flushed per batch")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: mgiqa.score's (mgiqa.MAX_NEW_TOKENS)")
     g.add_argument("--max-pixels", type=int, default=0,
-                   help="pixel cap for the processor (0: 1,280 image tokens in the family's units, 1,003,520 px for "
-                        "Qwen2.5-VL, 1,310,720 for Qwen3-VL); a checkpoint saved with a smaller cap keeps its own")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+                   help="pixel cap for the processor (0: 1,280 image tokens in the family's units, "
+                        "1,003,520 px for Qwen2.5-VL, 1,310,720 for Qwen3-VL); a checkpoint saved "
+                        "with a smaller cap keeps its own")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=[], metavar="NAME=ROOT[,FILE][,KEY=VALUE]",
-                   help=f"datasets: {', '.join(data.READERS)}; e.g. pyiqa=/data/csiq,meta_info_CSIQDataset.csv "
-                        "or pyiqa=/data/x,meta.csv,direction=lower (data.py lists the options); "
+                   help=f"datasets: {', '.join(data.READERS)}; e.g. "
+                        "pyiqa=/data/csiq,meta_info_CSIQDataset.csv or "
+                        "pyiqa=/data/x,meta.csv,direction=lower (data.py lists the options); "
                         "frozen=FILE: only the images of a data.py freeze list, hashes checked")
-    g.add_argument("--suite", action="store_true", help="the eight benchmarks of docs/METHOD.md under --data-root")
+    g.add_argument("--suite", action="store_true",
+                   help="the eight benchmarks of docs/METHOD.md under --data-root")
     g.add_argument("--data-root", default=None, help="folder holding the suite's dataset folders")
     g.add_argument("--split", default=None,
                    help="train / val / test of each --data (the suite fixes its own; a dataset the "
                         "model trained on: its run's test split)")
-    g.add_argument("--seed", type=int, default=0, help="seed of data.split_records where a dataset has no split")
-    g.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of data.split_records where a dataset has no split")
+    g.add_argument("--limit", type=int, default=None,
+                   help="only the first N images of each dataset")
     g.add_argument("--allow-trained", action="store_true",
                    help="score images the model trained on too (by SHA-256, from the "
                         "training_data.csv its folder carries), each dataset as --split / the "
                         "suite selects it; marked in the summary and the report")
     g = parser.add_argument_group("output and comparison")
-    g.add_argument("--out", default=None, help="output folder (required for a run; resumes when it holds results)")
+    g.add_argument("--out", default=None,
+                   help="output folder (required for a run; resumes when it holds results)")
     g.add_argument("--report", action="store_true",
-                   help="also write report.html: metrics, scatter plots and every image with its scores, worst-ranked first")
+                   help="also write report.html: metrics, scatter plots and every image with its "
+                        "scores, worst-ranked first")
     g.add_argument("--report-images", type=int, default=300, metavar="N",
-                   help="with --report: at most N images per dataset in the grid, the worst-ranked first (default "
-                        "300, about 3 MB of thumbnails per dataset; 0: all)")
-    g.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two result files (or folders of *.jsonl) to compare")
+                   help="with --report: at most N images per dataset in the grid, the worst-ranked "
+                        "first (default 300, about 3 MB of thumbnails per dataset; 0: all)")
+    g.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="two result files (or folders of *.jsonl) to compare")
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for --compare")
     return parser, parser.parse_args(argv)
 
@@ -642,33 +689,41 @@ def protocol_summary(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     if args.compare:
-        result = compare(read_rows(args.compare[0]), read_rows(args.compare[1]), n=args.n_boot, seed=args.seed)
-        print(f"A = {args.compare[0]}, B = {args.compare[1]}, overall SRCC, paired bootstrap ({args.n_boot})")
+        result = compare(read_rows(args.compare[0]), read_rows(args.compare[1]), n=args.n_boot,
+                         seed=args.seed)
+        print(f"A = {args.compare[0]}, B = {args.compare[1]}, overall SRCC, "
+              f"paired bootstrap ({args.n_boot})")
         print(compare_table(result), end="")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             report.write_json(os.path.join(args.out, "compare.json"), result)
         return 0
-    if not args.model or not args.out or not (args.data or args.suite) or (args.suite and not args.data_root):
-        parser.error("a run needs --model, --out and --data NAME=ROOT ... or --suite --data-root ROOT")
+    if not args.model or not args.out or not (args.data or args.suite) \
+            or (args.suite and not args.data_root):
+        parser.error("a run needs --model, --out and --data NAME=ROOT ... "
+                     "or --suite --data-root ROOT")
     sets, protocol, source = select_protocol(load_sets(parser, args), args)
 
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model in mgiqa.TINY_MODELS:
-        print(f"note: --model {args.model} is an untrained random model: its scores are noise.", file=sys.stderr)
+        print(f"note: --model {args.model} is an untrained random model: its scores are noise.",
+              file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    run = {"model": args.model, "adapter": args.adapter, "thinking": not args.fast, "max_new_tokens": args.max_new_tokens,
-           "max_pixels": args.max_pixels, "allow_trained": args.allow_trained}
+    run = {"model": args.model, "adapter": args.adapter, "thinking": not args.fast,
+           "max_new_tokens": args.max_new_tokens, "max_pixels": args.max_pixels,
+           "allow_trained": args.allow_trained}
     run_path = os.path.join(args.out, "run.json")
     if os.path.exists(run_path):
         with open(run_path) as f:
             earlier = json.load(f)
         if earlier != run:
-            parser.error(f"{run_path}: the results there come from {earlier}, not {run}; use another --out")
+            parser.error(f"{run_path}: the results there come from {earlier}, not {run}; "
+                         "use another --out")
     report.write_json(run_path, run, indent=None)
-    model, processor = mgiqa.load(args.model, device=args.device, adapter=args.adapter, max_pixels=args.max_pixels)
+    model, processor = mgiqa.load(args.model, device=args.device, adapter=args.adapter,
+                                  max_pixels=args.max_pixels)
     rows, records = [], []
     for stem, recs in sets:
         rows += evaluate_records(model, processor, recs, os.path.join(args.out, f"{stem}.jsonl"),
@@ -687,8 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table, end="")
     for name, d in summary["datasets"].items():
         if d["parse_failures"]:
-            print(f"{name}: {d['parse_failures']} of {d['n']} completions had no parsable overall score "
-                  "(left out of the metrics, counted)")
+            print(f"{name}: {d['parse_failures']} of {d['n']} completions had no parsable overall "
+                  "score (left out of the metrics, counted)")
     print(protocol_summary(summary))
     print(scatter_plots(rows, args.out))
     if args.report:
@@ -701,9 +756,11 @@ def main(argv: list[str] | None = None) -> int:
             os.path.join(args.out, "report.html"), rows, records, summary,
             f"MG-IQA evaluation: {args.model}"
             + (f" · INCLUDES {trained:,} TRAINING IMAGES (--allow-trained)" if trained else ""),
-            subtitle=f"adapter {args.adapter or 'none'} · {'reasoning' if not args.fast else 'answer only'} · "
+            subtitle=f"adapter {args.adapter or 'none'} · "
+                     f"{'reasoning' if not args.fast else 'answer only'} · "
                      f"split {args.split or 'as given'} · {cap} · {roles_line(summary)}",
-            note="an untrained random model: its scores are noise" if args.model in mgiqa.TINY_MODELS else "",
+            note=("an untrained random model: its scores are noise"
+                  if args.model in mgiqa.TINY_MODELS else ""),
             max_images=args.report_images or None)
         print(f"wrote {path}")
     return 0

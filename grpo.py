@@ -1,13 +1,13 @@
-"""GRPO for MG-IQA, written by hand (docs/METHOD.md, section 3): the configuration, the loss, one step
-(`grpo_step`), the training loop, checkpoints and resume, and the training command line.
+"""GRPO for MG-IQA, written by hand (docs/METHOD.md, section 3): the configuration, the loss, one
+step (`grpo_step`), the training loop, checkpoints and resume, and the training command line.
 
-    python grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data kadid=/data/kadid10k koniq=/data/koniq10k \
-        --out runs/mgiqa --steps 2000                                   # LoRA on one GPU
-    torchrun --nproc_per_node 8 grpo.py --model ... --data ... --out runs/mgiqa         # LoRA, DDP
-    torchrun --nproc_per_node 8 grpo.py --model ... --full --fsdp --data ... --out runs/full   # all weights, FSDP2
-    python grpo.py --resume runs/mgiqa                                  # continue exactly where it stopped
-    python synth.py runs/synth --n 200 && python grpo.py --model tiny-qwen2.5-vl --data manifest=runs/synth \
-        -B 2 -K 2 --max-new-tokens 16 --steps 4 --out runs/try          # CPU, ~15 s, the real tokenizer
+    python grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct \
+        --data kadid=/data/kadid10k koniq=/data/koniq10k --out runs/mgiqa --steps 2000  # one GPU
+    torchrun --nproc_per_node 8 grpo.py --model ... --data ... --out runs/mgiqa      # LoRA, DDP
+    torchrun --nproc_per_node 8 grpo.py --model ... --full --fsdp --data ... --out runs/f  # FSDP2
+    python grpo.py --resume runs/mgiqa                       # continue exactly where it stopped
+    python synth.py runs/synth --n 200 && python grpo.py --model tiny-qwen2.5-vl \
+        --data manifest=runs/synth -B 2 -K 2 --max-new-tokens 16 --steps 4 --out runs/try  # CPU
 
 A run writes in --out: config.json, split-<name>.csv per dataset (its split and each image's
 SHA-256), log.jsonl (one line a step), checkpoint-STEP/ (the last --keep), and final/: the LoRA
@@ -17,8 +17,8 @@ adapter in PEFT's layout, or with --full a plain transformers checkpoint (fp32 m
 --out that holds a run is refused without --resume; --resume refuses flags that differ from the
 run's config.json.
 
-Where this departs from VisualQuality-R1 (LoRA by default, the shared prefix, the options that are off
-by default, fp32 trainable state): docs/METHOD.md, section 7, numbered.
+Where this departs from VisualQuality-R1 (LoRA by default, the shared prefix, the options that are
+off by default, fp32 trainable state): docs/METHOD.md, section 7, numbered.
 """
 from __future__ import annotations
 
@@ -59,67 +59,88 @@ def option(default, group: str, help: str, **argparse_kwargs):
 
 @dataclass
 class Config:
-    """Every setting of a run, with the paper's (VisualQuality-R1's) defaults unless marked ours. The
-    command line is built from these fields (build_parser); config.json holds them."""
+    """Every setting of a run, with the paper's (VisualQuality-R1's) defaults unless marked ours.
+    The command line is built from these fields (build_parser); config.json holds them."""
     # model
-    model: str = option("tiny", "model", "checkpoint folder or hub id; offline test models: " + ", ".join(mgiqa.TINY_MODELS))
-    full: bool = option(False, "model", "fine-tune every weight (VisualQuality-R1) instead of LoRA (ours)")
-    fsdp: bool = option(False, "model", "with --full under torchrun: shard weights, gradients and AdamW states (FSDP2)")
+    model: str = option("tiny", "model", "checkpoint folder or hub id; offline test models: "
+                        + ", ".join(mgiqa.TINY_MODELS))
+    full: bool = option(False, "model",
+                        "fine-tune every weight (VisualQuality-R1) instead of LoRA (ours)")
+    fsdp: bool = option(False, "model", "with --full under torchrun: shard weights, gradients and "
+                                        "AdamW states (FSDP2)")
     lora_rank: int = option(64, "model", "LoRA rank r")
     lora_alpha: float = option(128.0, "model", "LoRA alpha; the adapter's scale is alpha / r")
     lora_dropout: float = option(0.0, "model", "LoRA dropout (rho = 1 on the first update anyway)")
-    lora_vision: bool = option(False, "model", "also put adapters on the vision tower (else it stays frozen)")
-    dtype: str = option("auto", "model", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32; "
-                                         "trainable state is fp32 always")
+    lora_vision: bool = option(False, "model",
+                               "also put adapters on the vision tower (else it stays frozen)")
+    dtype: str = option("auto", "model", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), "
+                                         "bfloat16, float32; trainable state is fp32 always")
     device: str = option("auto", "model", "auto, cpu, cuda, cuda:1 (torchrun sets each rank's)")
-    gradient_checkpointing: bool = option(False, "model", "recompute activations in backward (less memory)")
-    max_pixels: int = option(0, "model", "pixel cap per image; 0: 1,280 image tokens in the family's units "
-                                         "(Qwen2.5-VL 1,003,520 px of 28 px tokens; Qwen3-VL 1,310,720 px of 32 px)")
+    gradient_checkpointing: bool = option(False, "model",
+                                          "recompute activations in backward (less memory)")
+    max_pixels: int = option(0, "model", "pixel cap per image; 0: 1,280 image tokens in the "
+                                         "family's units (Qwen2.5-VL 1,003,520 px of 28 px tokens; "
+                                         "Qwen3-VL 1,310,720 px of 32 px)")
     # data
-    data: list = option((), "data", "NAME=ROOT[,FILE][,KEY=VALUE] per training dataset (data.py)", nargs="*")
-    batch_size: int = option(8, "data", "B images per step and rank, all from one dataset (VisualQuality-R1: 8 per GPU)",
-                             short="-B")
+    data: list = option((), "data", "NAME=ROOT[,FILE][,KEY=VALUE] per training dataset (data.py)",
+                        nargs="*")
+    batch_size: int = option(8, "data", "B images per step and rank, all from one dataset "
+                                        "(VisualQuality-R1: 8 per GPU)", short="-B")
     alpha: float = option(0.5, "data", "a dataset is drawn with probability ~ n^alpha (ours)")
     seed: int = option(0, "data", "seed of weights, splits, sampler and rollouts")
     # rollouts
-    num_generations: int = option(6, "rollouts", "K rollouts per image (VisualQuality-R1: 6)", short="-K")
+    num_generations: int = option(6, "rollouts", "K rollouts per image (VisualQuality-R1: 6)",
+                                  short="-K")
     temperature: float = option(1.0, "rollouts", "sampling temperature")
     top_p: float = option(1.0, "rollouts", "nucleus sampling: refused below 1 (check_config)")
     max_new_tokens: int = option(256, "rollouts", "longest completion (VisualQuality-R1: 256)")
-    thinking: bool = option(True, "rollouts", "reason in <think> before the answer (--no-thinking: answer only)")
-    shared_prefix: bool = option(True, "rollouts", "vision tower and prompt once per image, not K times "
-                                                   "(same numbers; --no-shared-prefix: the plain path)")
-    force_length: bool = option(False, "rollouts", "never stop at EOS (timing runs: every completion is max-new-tokens long)")
+    thinking: bool = option(True, "rollouts",
+                            "reason in <think> before the answer (--no-thinking: answer only)")
+    shared_prefix: bool = option(True, "rollouts", "vision tower and prompt once per image, not K "
+                                                   "times (same numbers; --no-shared-prefix: the "
+                                                   "plain path)")
+    force_length: bool = option(False, "rollouts", "never stop at EOS (timing runs: every "
+                                                   "completion is max-new-tokens long)")
     # reward
     w_format: float = option(1.0, "reward", "weight of the strict-format reward")
-    weights: list = option(tuple(reward.DEFAULT_WEIGHTS), "reward", "weights of sharpness color noise composition overall",
+    weights: list = option(tuple(reward.DEFAULT_WEIGHTS), "reward",
+                           "weights of sharpness color noise composition overall",
                            nargs=5, metavar="W")
     gamma: float = option(1e-6, "reward", "added to the variance sum in the Thurstone probability")
-    ignore_ties: bool = option(False, "reward", "leave tied-label pairs out of the fidelity mean (ours)")
-    credit: str = option("sequence", "reward", "sequence: one advantage per completion; attribute: each score "
-                                               "token its attribute's advantage (ours)", choices=("sequence", "attribute"))
+    ignore_ties: bool = option(False, "reward",
+                               "leave tied-label pairs out of the fidelity mean (ours)")
+    credit: str = option("sequence", "reward", "sequence: one advantage per completion; "
+                                               "attribute: each score token its attribute's "
+                                               "advantage, times its weight (ours)",
+                         choices=("sequence", "attribute"))
     entropy_coef: float = option(0.0, "reward", "entropy bonus on the score tokens (ours)")
-    entropy_vocab: str = option("0123456789", "reward", "characters whose tokens the entropy bonus is renormalised over")
+    entropy_vocab: str = option("0123456789", "reward",
+                                "characters whose tokens the entropy bonus is renormalised over")
     # loss
     beta: float = option(0.04, "loss", "k3 KL coefficient (VisualQuality-R1: 0.04)")
     epsilon: float = option(0.2, "loss", "lower clip range of rho")
     epsilon_high: float = option(0.2, "loss", "upper clip range of rho")
-    loss_type: str = option("grpo", "loss", "token aggregation", choices=("grpo", "bnpo", "dr_grpo"))
+    loss_type: str = option("grpo", "loss", "token aggregation",
+                            choices=("grpo", "bnpo", "dr_grpo"))
     num_iterations: int = option(1, "loss", "updates per batch of rollouts (rho = 1 on the first)")
     # optimisation
-    lr: float = option(None, "optimisation", "AdamW learning rate (default: 1e-5 LoRA, 1e-6 --full)", type=float)
+    lr: float = option(None, "optimisation",
+                       "AdamW learning rate (default: 1e-5 LoRA, 1e-6 --full)", type=float)
     weight_decay: float = option(0.0, "optimisation", "AdamW weight decay")
     warmup_steps: int = option(0, "optimisation", "linear learning-rate warm-up steps")
-    schedule: str = option("constant", "optimisation", "learning rate after warm-up", choices=("constant", "cosine"))
+    schedule: str = option("constant", "optimisation", "learning rate after warm-up",
+                           choices=("constant", "cosine"))
     grad_clip: float = option(1.0, "optimisation", "gradient norm clip")
-    micro_batch: int = option(0, "optimisation", "images per forward/backward (0: all B); gradients equal the full batch's")
+    micro_batch: int = option(0, "optimisation", "images per forward/backward (0: all B); "
+                                                 "gradients equal the full batch's")
     # run
     out: str = option("runs/mgiqa", "run", "run directory (checkpoints, log.jsonl, final/)")
     steps: int = option(1000, "run", "training steps")
     save_every: int = option(100, "run", "checkpoint every N steps")
     keep: int = option(2, "run", "checkpoints kept")
     eval_every: int = option(0, "run", "held-out evaluation every N steps (0: never)")
-    eval_limit: int = option(200, "run", "images in that evaluation, a stratified subset of every dataset")
+    eval_limit: int = option(200, "run",
+                             "images in that evaluation, a stratified subset of every dataset")
 
     def __post_init__(self):
         self.data = list(self.data or [])
@@ -156,8 +177,8 @@ def compute_dtype(cfg: Config, device) -> torch.dtype:
 
 
 def precision(cfg: Config, model):
-    """bf16 compute over --full's fp32 master weights (autocast); LoRA's base is already in the compute
-    dtype, and FSDP2 casts on its own."""
+    """bf16 compute over --full's fp32 master weights (autocast); LoRA's base is already in the
+    compute dtype, and FSDP2 casts on its own."""
     device = next(model.parameters()).device
     dtype = compute_dtype(cfg, device)
     if cfg.full and not cfg.fsdp and dtype != torch.float32:
@@ -165,7 +186,7 @@ def precision(cfg: Config, model):
     return contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------- the loss, one formula each
+# ----------------------------------------------------------------------------- the loss
 
 def k3_kl(logp, ref_logp):
     """k3 estimator of KL(pi || ref) per token, >= 0 (Schulman, "Approximating KL divergence")."""
@@ -181,9 +202,10 @@ def clipped_surrogate(logp, old_logp, advantages, eps_low=0.2, eps_high=0.2):
 
 
 def aggregate(per_token, mask, mode="grpo", max_len=None, rows=None, tokens=None):
-    """grpo: mean over each sequence's tokens, then over sequences; bnpo: mean over all tokens of the
-    batch; dr_grpo: sum / (rows * max completion length). rows / tokens: the whole batch's counts when
-    per_token holds one micro-batch of it, so that micro-batches add up to the full batch."""
+    """grpo: mean over each sequence's tokens, then over sequences; bnpo: mean over all tokens of
+    the batch; dr_grpo: sum / (rows * max completion length). rows / tokens: the whole batch's
+    counts when per_token holds one micro-batch of it, so that micro-batches add up to the full
+    batch."""
     mask = mask.to(per_token.dtype)
     rows = per_token.shape[0] if rows is None else rows
     if mode == "grpo":
@@ -202,16 +224,18 @@ class Tokens:
     """The token ids a step needs, resolved once through the run's tokenizer."""
     eos: list[int]                    # completion ends (the model's EOS and <|im_end|>)
     pad: int                          # after the EOS
-    banned: torch.Tensor              # (V,) bool: special tokens never sampled nor in the log-softmax
-    entropy: torch.Tensor | None      # ids the entropy bonus is renormalised over, None without the bonus
-    opening: str = ""                 # text the chat template writes for the completion (a Thinking model's "<think>\n")
+    banned: torch.Tensor              # (V,) bool: special tokens never sampled nor in log-softmax
+    entropy: torch.Tensor | None      # ids the entropy bonus is renormalised over (None: no bonus)
+    opening: str = ""                 # what the template writes for the completion ("<think>\n")
 
     @classmethod
     def resolve(cls, cfg: Config, model, processor) -> Tokens:
         device, V = next(model.parameters()).device, model.get_output_embeddings().out_features
         banned = torch.zeros(V, dtype=torch.bool, device=device)
         banned[mgiqa.banned_token_ids(processor, V)] = True
-        entropy = mgiqa.token_ids(processor, list(cfg.entropy_vocab)) if cfg.entropy_coef > 0 else None
+        entropy = None
+        if cfg.entropy_coef > 0:
+            entropy = mgiqa.token_ids(processor, list(cfg.entropy_vocab))
         return cls(mgiqa.eos_ids(model, processor), processor.tokenizer.pad_token_id, banned,
                    None if entropy is None else torch.tensor(entropy, device=device),
                    mgiqa.template_opening(processor, cfg.thinking))
@@ -226,10 +250,10 @@ def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens:
     # (1) sample K completions per image (rows image-major), weights gathered once under FSDP2
     model.eval()
     with torch.no_grad(), distributed.gathered(policy), precision(cfg, model):
-        sampler = distributed.policy_of(policy)
-        ids = sampler.sample(prompts, K=K, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
-                             pad_id=tokens.pad, banned=tokens.banned, temperature=cfg.temperature,
-                             top_p=cfg.top_p, force_length=cfg.force_length)  # (B*K, T)
+        engine = distributed.policy_of(policy)
+        ids = engine.sample(prompts, K=K, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
+                            pad_id=tokens.pad, banned=tokens.banned, temperature=cfg.temperature,
+                            top_p=cfg.top_p, force_length=cfg.force_length)  # (B*K, T)
     mask = rollouts.completion_mask(ids, tokens.eos)
     completions = mgiqa.decode_completions(processor, ids, tokens.eos, tokens.opening)
     clock.end("sampling")
@@ -306,7 +330,8 @@ def grpo_step(cfg: Config, policy, processor, batch, prompts, optimizer, tokens:
 
 
 class Phases:
-    """Seconds, and on CUDA the peak memory, of each phase of a step (the peak counter is reset at each end)."""
+    """Seconds, and on CUDA the peak memory, of each phase of a step (the peak counter is reset at
+    each end)."""
 
     def __init__(self):
         self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -326,7 +351,8 @@ class Phases:
 
     def figures(self) -> dict:
         s = {name: v["s"] for name, v in self.seen.items()}
-        return {"phases": self.seen, "gen_s": s.get("sampling", 0.0), "reward_s": s.get("reward", 0.0),
+        return {"phases": self.seen, "gen_s": s.get("sampling", 0.0),
+                "reward_s": s.get("reward", 0.0),
                 "update_s": s.get("reference", 0.0) + s.get("update", 0.0)}
 
 
@@ -344,13 +370,16 @@ def reference_logprobs(cfg: Config, policy, ref, micro_batches, logprobs):
 
 
 def step_figures(rewards, batch, mask, completions, prompts, model) -> dict:
-    """What a step logs besides the loss: rewards, parse rate, length, within-batch SRCC, token counts."""
+    """What a step logs besides the loss: rewards, parse rate, length, within-batch SRCC, token
+    counts."""
     labels = batch.get("labels")
     nan = [float("nan")] * len(ATTRIBUTES)
     merge = getattr(model.config.vision_config, "spatial_merge_size", 2)
-    return {"reward": rewards["total"].mean().item(), "reward_attr": rewards["per_attribute"].mean((0, 1)).tolist(),
+    srcc = nan if labels is None else within_batch_srcc(rewards["scores"].cpu(), labels.cpu())
+    return {"reward": rewards["total"].mean().item(),
+            "reward_attr": rewards["per_attribute"].mean((0, 1)).tolist(),
             "format": rewards["format"].mean().item(), "length": mask.sum(1).float().mean().item(),
-            "srcc": within_batch_srcc(rewards["scores"].cpu(), labels.cpu()) if labels is not None else nan,
+            "srcc": srcc,
             "completions": completions[:2], "prompt_tokens": int(prompts.input_ids.shape[1]),
             "image_tokens": int(prompts.image_grid_thw.prod(-1).sum()) // merge ** 2}
 
@@ -362,7 +391,8 @@ def within_batch_srcc(scores, labels) -> list[float]:
     for a in range(len(ATTRIBUTES)):
         s, y = scores[:, :, a].numpy(), labels[:, a].numpy()
         valid = ~np.isnan(s)
-        x = np.where(valid.any(1), np.where(valid, s, 0).sum(1) / np.maximum(valid.sum(1), 1), np.nan)
+        mean = np.where(valid, s, 0).sum(1) / np.maximum(valid.sum(1), 1)
+        x = np.where(valid.any(1), mean, np.nan)
         ok = ~(np.isnan(x) | np.isnan(y))
         out.append(float(evaluate.srcc(x[ok], y[ok])) if ok.sum() >= 3 else float("nan"))
     return out
@@ -378,8 +408,8 @@ def to_device(batch: dict, device) -> dict:
 def format_line(i: int, s: dict) -> str:
     attrs = " ".join(f"{a[:4]} {r:.3f}" for a, r in zip(ATTRIBUTES, s["reward_attr"]))
     srcc = " ".join(f"{x:+.2f}" for x in s["srcc"])
-    return (f"step {i:5d} | reward {s['reward']:.3f} ({attrs}) | format {s['format']:.2f} | srcc {srcc} | "
-            f"kl {s['kl']:.4f} clip {s['clip']:.3f} | len {s['length']:.1f} | "
+    return (f"step {i:5d} | reward {s['reward']:.3f} ({attrs}) | format {s['format']:.2f} | "
+            f"srcc {srcc} | kl {s['kl']:.4f} clip {s['clip']:.3f} | len {s['length']:.1f} | "
             f"gen {s['gen_s']:.2f}s reward {s['reward_s']:.2f}s update {s['update_s']:.2f}s"
             + (f" | elapsed {duration(s['elapsed_s'])} eta {duration(s['eta_s'])}"
                if "eta_s" in s else ""))
@@ -393,8 +423,8 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=None, aux_loss=None, eval_fn=None,
-          log=print, reward_fn=None) -> list[dict]:
+def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=None,
+          aux_loss=None, eval_fn=None, log=print, reward_fn=None) -> list[dict]:
     """Resume from the newest checkpoint in cfg.out if there is one, then step until cfg.steps,
     checkpointing every cfg.save_every steps; at the end final/ (export). prompts_of(records) ->
     rollouts.Prompts (default: the records' image files through the processor); eval_fn(model, step)
@@ -409,8 +439,11 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
     run_dir, rank = Path(cfg.out), distributed.rank()
     device = next(model.parameters()).device
     policy = distributed.wrap(model, cfg.fsdp, compute_dtype(cfg, device), cfg.shared_prefix)
-    ref = distributed.wrap(ref_model, cfg.fsdp, compute_dtype(cfg, device), cfg.shared_prefix) if ref_model is not None else None
-    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ref = None
+    if ref_model is not None:
+        ref = distributed.wrap(ref_model, cfg.fsdp, compute_dtype(cfg, device), cfg.shared_prefix)
+    trainable = [q for q in policy.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     tokens, i = Tokens.resolve(cfg, model, processor), 0
     if checkpoints(run_dir):
@@ -432,8 +465,8 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
     while i < cfg.steps:
         batch = to_device(sampler.sample(), device)
         prompts = rollouts.to_device(prompts_of(batch["records"]), device)
-        stats = grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens, ref=ref, aux_loss=aux_loss,
-                          reward_fn=reward_fn or reward.mg_reward)
+        stats = grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens, ref=ref,
+                          aux_loss=aux_loss, reward_fn=reward_fn or reward.mg_reward)
         scheduler.step()
         i += 1
         elapsed = time.perf_counter() - start
@@ -445,9 +478,10 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
                 with torch.no_grad(), precision(cfg, model):
                     stats["eval"] = eval_fn(model, i)
             distributed.barrier()
-        stats["phases"] |= saved  # the previous checkpoint's write, if there was one since the last line
-        if rank == 0:  # the line is on disk before the checkpoint: a crash while saving loses no step's line
-            log(format_line(i, stats) + (f" | eval {_json(stats['eval'])}" if "eval" in stats else ""))
+        stats["phases"] |= saved  # the previous checkpoint's write, if any since the last line
+        if rank == 0:  # the line is on disk before the checkpoint: a crash while saving loses none
+            log(format_line(i, stats)
+                + (f" | eval {_json(stats['eval'])}" if "eval" in stats else ""))
             with open(run_dir / "log.jsonl", "a") as f:
                 f.write(_json(stats) + "\n")
         saved = {}
@@ -462,29 +496,33 @@ def train(cfg: Config, model, processor, sampler, *, prompts_of=None, ref_model=
 
 
 def _json(obj) -> str:
-    return json.dumps(mgiqa.json_safe(obj), allow_nan=False, default=str)  # NaN -> null: strict JSON readers open it
+    # NaN -> null: strict JSON readers open it
+    return json.dumps(mgiqa.json_safe(obj), allow_nan=False, default=str)
 
 
 def _truncate_log(path: Path, i: int) -> None:
     """Drop log lines after the checkpoint we resume from, so no step is logged twice."""
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= i]
+        lines = [ln for ln in path.read_text().splitlines()
+                 if ln.strip() and json.loads(ln)["step"] <= i]
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
-# ----------------------------------------------------------------------------- checkpoints and resume
-# runs/x/checkpoint-STEP/: adapter/ (LoRA, PEFT layout) or trainable.safetensors (--full) or sharded/
-# (--fsdp, torch.distributed.checkpoint); trainer_state.pt (step, optimizer, schedule, config, world
-# size); rank-R.pt (rank R's sampler and RNG states). Written under checkpoint-STEP.tmp and renamed by
-# rank 0 once every rank has written its part, so a crash mid-write leaves the previous one whole.
-# Read back with map_location="cpu" and weights_only=True: a checkpoint is data, never code.
+# ----------------------------------------------------------------------------- checkpoints
+# runs/x/checkpoint-STEP/: adapter/ (LoRA, PEFT layout) or trainable.safetensors (--full) or
+# sharded/ (--fsdp, torch.distributed.checkpoint); trainer_state.pt (step, optimizer, schedule,
+# config, world size); rank-R.pt (rank R's sampler and RNG states). Written under
+# checkpoint-STEP.tmp and renamed by rank 0 once every rank has written its part, so a crash
+# mid-write leaves the previous one whole. Read back with map_location="cpu" and weights_only=True:
+# a checkpoint is data, never code.
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    state = {"python": random.getstate(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (torch.cuda.set_device was called)
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (set_device was called)
     return state
 
 
@@ -499,13 +537,15 @@ def set_rng_state(state: dict) -> None:
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """Trainable weights on the CPU (an unsharded model)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def checkpoints(run_dir) -> list[int]:
     """Steps of the complete checkpoints in a run directory (partial *.tmp ones are ignored)."""
     return sorted(int(m.group(1)) for d in Path(run_dir).glob("checkpoint-*")
-                  if (m := re.fullmatch(r"checkpoint-(\d+)", d.name)) and (d / "trainer_state.pt").is_file())
+                  if (m := re.fullmatch(r"checkpoint-(\d+)", d.name))
+                  and (d / "trainer_state.pt").is_file())
 
 
 def save_checkpoint(run_dir, step, policy, optimizer, scheduler, sampler, cfg: Config) -> Path:
@@ -520,7 +560,8 @@ def save_checkpoint(run_dir, step, policy, optimizer, scheduler, sampler, cfg: C
         tmp.mkdir(parents=True)
     distributed.barrier()
     model = distributed.unwrap(policy)
-    state = {"step": step, "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg), "world_size": world}
+    state = {"step": step, "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg),
+             "world_size": world}
     if cfg.fsdp:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -532,12 +573,13 @@ def save_checkpoint(run_dir, step, policy, optimizer, scheduler, sampler, cfg: C
         if cfg.full:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         else:
-            lora.save_adapter(model, tmp / "adapter", cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+            lora.save_adapter(model, tmp / "adapter", cfg.lora_rank, cfg.lora_alpha,
+                              cfg.lora_dropout, cfg.model)
     torch.save({"sampler": sampler.state_dict(), "rng": rng_state()}, tmp / f"rank-{rank}.pt")
     if rank == 0:
         torch.save(state, tmp / "trainer_state.pt")
         carry_training_data(run_dir, tmp, *([] if cfg.full else [tmp / "adapter"]))
-    distributed.barrier()  # every rank's files are on disk before the rename makes the checkpoint count
+    distributed.barrier()  # every rank's files are on disk before the rename makes it count
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -554,11 +596,12 @@ def load_checkpoint(path, policy, optimizer, scheduler, sampler) -> int:
     path, rank = Path(path), distributed.rank()
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     if state["world_size"] != distributed.world_size():
-        raise ValueError(f"{path}: written by {state['world_size']} processes, this run has {distributed.world_size()}; "
-                         "resume with the same --nproc_per_node")
+        raise ValueError(f"{path}: written by {state['world_size']} processes, this run has "
+                         f"{distributed.world_size()}; resume with the same --nproc_per_node")
     own = path / f"rank-{rank}.pt"
     if not own.is_file():
-        raise FileNotFoundError(f"{own}: missing, so rank {rank}'s sampler and RNG states cannot be restored")
+        raise FileNotFoundError(f"{own}: missing, so rank {rank}'s sampler and RNG states cannot "
+                                "be restored")
     mine = torch.load(own, map_location="cpu", weights_only=True)
     model = distributed.unwrap(policy)
     if state["config"]["fsdp"]:
@@ -568,7 +611,8 @@ def load_checkpoint(path, policy, optimizer, scheduler, sampler) -> int:
         msd, osd = get_state_dict(policy, optimizer)
         shards = {"model": msd, "optimizer": osd}
         dcp.load(shards, checkpoint_id=str(path / "sharded"))
-        set_state_dict(policy, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+        set_state_dict(policy, optimizer, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])
     else:
         if (path / "trainable.safetensors").is_file():
             params = dict(model.named_parameters())
@@ -585,17 +629,20 @@ def load_checkpoint(path, policy, optimizer, scheduler, sampler) -> int:
 
 
 def export(policy, processor, out, cfg: Config) -> Path:
-    """The end of a run, in `out`: the LoRA adapter, or (--full) a plain transformers checkpoint of all
-    weights, gathered onto rank 0 under --fsdp, saved with a generation config that holds only the
-    special-token ids (mgiqa.plain_generation_config), so no decoding setting travels with it."""
+    """The end of a run, in `out`: the LoRA adapter, or (--full) a plain transformers checkpoint of
+    all weights, gathered onto rank 0 under --fsdp, saved with a generation config that holds only
+    the special-token ids (mgiqa.plain_generation_config), so no decoding setting travels with
+    it."""
     out, model = Path(out), distributed.unwrap(policy)
     if not cfg.full:
         if distributed.rank() == 0:
-            lora.save_adapter(model, out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+            lora.save_adapter(model, out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                              cfg.model)
             carry_training_data(cfg.out, out)
         distributed.barrier()
         return out
-    state = distributed.full_state_dict(policy) if cfg.fsdp else None  # a collective: every rank calls it
+    # a collective: every rank calls it
+    state = distributed.full_state_dict(policy) if cfg.fsdp else None
     if distributed.rank() == 0:
         model.generation_config = mgiqa.plain_generation_config(model)
         model.save_pretrained(out, state_dict=state)
@@ -617,7 +664,8 @@ def carry_training_data(run_dir, *folders) -> None:
 
 def save_merged(model, processor, out) -> None:
     """LoRA folded in (fp32 sum, cast once): a plain transformers checkpoint for mgiqa.load,
-    evaluate.py, from_pretrained and vLLM, with a clean generation config and the processor files."""
+    evaluate.py, from_pretrained and vLLM, with a clean generation config and the processor
+    files."""
     lora.merge_lora(model)
     model.generation_config = mgiqa.plain_generation_config(model)
     model.save_pretrained(out)
@@ -627,21 +675,25 @@ def save_merged(model, processor, out) -> None:
 # ----------------------------------------------------------------------------- model and data
 
 def build_model(cfg: Config):
-    """(model, processor, reference or None): LoRA (fp32 adapters on a base in the compute dtype; the
-    reference is the base, adapters off) or --full (fp32 master weights; a frozen copy in the compute
-    dtype as the reference unless beta = 0)."""
+    """(model, processor, reference or None): LoRA (fp32 adapters on a base in the compute dtype;
+    the reference is the base, adapters off) or --full (fp32 master weights; a frozen copy in the
+    compute dtype as the reference unless beta = 0)."""
     device = mgiqa.resolve_device(cfg.device)
     dtype = compute_dtype(cfg, device)
-    model, processor = mgiqa.load(cfg.model, device=str(device), dtype=str(torch.float32 if cfg.full else dtype).removeprefix("torch."),
+    load_dtype = str(torch.float32 if cfg.full else dtype).removeprefix("torch.")
+    model, processor = mgiqa.load(cfg.model, device=str(device), dtype=load_dtype,
                                   max_pixels=cfg.max_pixels, seed=cfg.seed)
     if model.config.model_type not in mgiqa.TRAINABLE_MODEL_TYPES:
-        raise ValueError(f"{cfg.model}: grpo.py trains {', '.join(mgiqa.TRAINABLE_MODEL_TYPES)} models, not "
-                         f"{model.config.model_type!r} (mgiqa.py and evaluate.py score it)")
+        raise ValueError(f"{cfg.model}: grpo.py trains {', '.join(mgiqa.TRAINABLE_MODEL_TYPES)} "
+                         f"models, not {model.config.model_type!r} (mgiqa.py and evaluate.py "
+                         "score it)")
     rollouts.fast_vision(model)
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
         # non-reentrant checkpointing needs no input that requires grad; transformers' hook on every
-        # input embedding (the vision tower's patch embedding too) would send backward through a frozen tower
+        # input embedding (the vision tower's patch embedding too) would send backward through a
+        # frozen tower
         model.disable_input_require_grads()
         model.config.use_cache = True
     ref = None
@@ -650,7 +702,8 @@ def build_model(cfg: Config):
             ref = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         model.requires_grad_(True)
     else:
-        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, vision=cfg.lora_vision)
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                      vision=cfg.lora_vision)
     return model, processor, ref
 
 
@@ -686,7 +739,8 @@ def load_data(cfg: Config, rank: int = 0):
         data.save_image_list(list(rows.values()), str(Path(cfg.out) / data.TRAINING_DATA))
     distributed.barrier()  # rank 0's split files are whole before anyone reads them
     for dataset, records in loaded:
-        records = data.apply_split(records, data.load_split(str(Path(cfg.out) / f"split-{dataset}.csv")))
+        split = data.load_split(str(Path(cfg.out) / f"split-{dataset}.csv"))
+        records = data.apply_split(records, split)
         train_sets[dataset] = [r for r in records if r.split == "train"]
         heldout += [r for r in records if r.split in ("val", "test")]
     return train_sets, heldout
@@ -700,16 +754,19 @@ def _by_dataset(records) -> dict:
 
 
 def held_out_eval(cfg: Config, processor, heldout):
-    """eval_fn for train: held-out SRCC per dataset and attribute on a seeded, stratified subset, in eval mode."""
+    """eval_fn for train: held-out SRCC per dataset and attribute on a seeded, stratified subset, in
+    eval mode."""
     subset = data.stratified_subset(heldout, cfg.eval_limit, cfg.seed)
 
     def eval_fn(model, i):
         was_training = model.training
         model.eval()
-        rows = evaluate.evaluate_records(model, processor, subset, thinking=cfg.thinking, max_new_tokens=cfg.max_new_tokens)
+        rows = evaluate.evaluate_records(model, processor, subset, thinking=cfg.thinking,
+                                         max_new_tokens=cfg.max_new_tokens)
         model.train(was_training)
         summary = evaluate.summarize(rows, subset)["datasets"]
-        return {name: {"n": d["n"], "unparsed": d["parse_failures"], **{a: m["srcc"] for a, m in d["metrics"].items()}}
+        return {name: {"n": d["n"], "unparsed": d["parse_failures"],
+                       **{a: m["srcc"] for a, m in d["metrics"].items()}}
                 for name, d in summary.items()}
     return eval_fn
 
@@ -908,26 +965,35 @@ def explain_main(argv, given: set[str]) -> int:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every Config field as a flag (its default, type and help), grouped; plus --resume, --merge, --threads."""
-    ap = argparse.ArgumentParser(description="GRPO with the multi-dimensional Thurstone reward (MG-IQA).")
+    """Every Config field as a flag (its default, type and help), grouped; plus --resume, --merge,
+    --threads."""
+    ap = argparse.ArgumentParser(
+        description="GRPO with the multi-dimensional Thurstone reward (MG-IQA).")
     groups = {}
     for f in dataclasses.fields(Config):
         meta = dict(f.metadata)
         name = meta.pop("group")
-        group = groups[name] if name in groups else groups.setdefault(name, ap.add_argument_group(name))
+        if name not in groups:
+            groups[name] = ap.add_argument_group(name)
+        group = groups[name]
         flags = ["--" + f.name.replace("_", "-"), *([meta.pop("short")] if "short" in meta else [])]
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.type in ("bool", bool):
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=meta.pop("help"))
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default,
+                               help=meta.pop("help"))
         else:
-            kind = {"int": int, "float": float, "str": str, "list": float if f.name == "weights" else str}.get(f.type, str)
+            kinds = {"int": int, "float": float, "str": str,
+                     "list": float if f.name == "weights" else str}
+            kind = kinds.get(f.type, str)
             group.add_argument(*flags, default=default, type=meta.pop("type", kind), **meta)
     run = groups["run"]
     run.add_argument("--resume", default=None,
                      help="run directory to continue (its config.json is used; other flags must "
                           "equal it except --steps, --save-every, --keep, --eval-every, "
                           "--eval-limit, --device, --threads, --merge)")
-    run.add_argument("--merge", default=None, help="LoRA: after training, also write the merged transformers checkpoint here")
+    run.add_argument("--merge", default=None,
+                     help="LoRA: after training, also write the merged transformers checkpoint "
+                          "here")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.add_argument("--explain", action="store_true",
                      help="run ONE step of a tiny warmed-up model and print every quantity of the "
@@ -968,9 +1034,11 @@ def config_from_args(args, given: set[str] = frozenset()) -> Config:
     if cfg.fsdp and not cfg.full:
         sys.exit("error: --fsdp shards full fine-tuning (--full); LoRA runs use DDP under torchrun")
     if cfg.fsdp and cfg.eval_every:
-        sys.exit("error: --eval-every is not offered with --fsdp (rank 0 cannot score alone); run evaluate.py on final/")
+        sys.exit("error: --eval-every is not offered with --fsdp (rank 0 cannot score alone); "
+                 "run evaluate.py on final/")
     if args.merge and cfg.full:
-        sys.exit("error: --merge folds LoRA adapters in; a --full run already writes final/ as a plain checkpoint")
+        sys.exit("error: --merge folds LoRA adapters in; a --full run already writes final/ as a "
+                 "plain checkpoint")
     return cfg
 
 

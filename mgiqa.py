@@ -1,17 +1,19 @@
-"""MG-IQA's scorer (docs/METHOD.md, section 1): the attribute-aware prompt, strict and lenient parsing of
-the answer, image and model loading with the pixel cap, `score`, and the scoring command line.
+"""MG-IQA's scorer (docs/METHOD.md, section 1): the attribute-aware prompt, strict and lenient
+parsing of the answer, image and model loading with the pixel cap, `score`, and the scoring command
+line.
 
 One vision-language model looks at an image and, in one generation, reasons about sharpness, color
-fidelity, noise and composition, then writes a score for each and an overall score, as one JSON object
-whose keys run fine to coarse, so the overall score is generated after, and conditioned on, the
-attribute scores (MG-IQA, arXiv 2604.09704, built on VisualQuality-R1, arXiv 2505.14460).
+fidelity, noise and composition, then writes a score for each and an overall score, as one JSON
+object whose keys run fine to coarse, so the overall score is generated after, and conditioned on,
+the attribute scores (MG-IQA, arXiv 2604.09704, built on VisualQuality-R1, arXiv 2505.14460).
 
     python mgiqa.py --model Qwen/Qwen2.5-VL-7B-Instruct photo.jpg other.png      # a real model
-    python mgiqa.py --model runs/mgiqa/merged photo.jpg --json                   # with the reasoning
+    python mgiqa.py --model runs/mgiqa/merged photo.jpg --json                   # the reasoning too
     python mgiqa.py --model Qwen/Qwen2.5-VL-7B-Instruct --adapter runs/mgiqa/final photo.jpg
-    python mgiqa.py --model tiny-qwen2.5-vl photo.jpg                            # offline, untrained
+    python mgiqa.py --model tiny-qwen2.5-vl photo.jpg                            # offline
 
-Departures (answer layout, NaN for an unparseable score, the instruction before the image): docs/METHOD.md, section 7.
+Departures (answer layout, NaN for an unparseable score, the instruction before the image):
+docs/METHOD.md, section 7.
 """
 from __future__ import annotations
 
@@ -30,14 +32,20 @@ import tiny
 
 ATTRIBUTES = ("sharpness", "color", "noise", "composition", "overall")
 LABELLED = ATTRIBUTES[:-1]  # attributes a dataset may label; overall always comes from MOS
-# which attribute a distortion family degrades (synthetic datasets' metadata; docs/METHOD.md, section 4)
-FAMILY_TO_ATTRIBUTE = {"blur": "sharpness", "noise": "noise", "color": "color", "composition": "composition"}
+# which attribute a distortion family degrades (synthetic datasets' metadata; docs/METHOD.md,
+# section 4)
+FAMILY_TO_ATTRIBUTE = {"blur": "sharpness", "noise": "noise", "color": "color",
+                       "composition": "composition"}
 
 ATTRIBUTE_DEFINITIONS = {
-    "sharpness": "how clear the edges and fine details are; 5 means crisp, 1 means heavily blurred.",
-    "color": "how natural and faithful the colors are; 5 means natural color, 1 means a strong cast or washed-out color.",
-    "noise": "how free the image is of noise and grain; 5 means no visible noise, 1 means heavy noise.",
-    "composition": "how well the subject is framed; 5 means a well-composed frame, 1 means the subject is badly placed or cut off.",
+    "sharpness": "how clear the edges and fine details are; 5 means crisp, "
+                 "1 means heavily blurred.",
+    "color": "how natural and faithful the colors are; 5 means natural color, "
+             "1 means a strong cast or washed-out color.",
+    "noise": "how free the image is of noise and grain; 5 means no visible noise, "
+             "1 means heavy noise.",
+    "composition": "how well the subject is framed; 5 means a well-composed frame, "
+                   "1 means the subject is badly placed or cut off.",
 }
 
 # The VisualQuality-R1 question for the overall score, kept verbatim (docs/METHOD.md, section 1).
@@ -46,21 +54,26 @@ OVERALL_QUESTION = (
     "between 1 and 5, rounded to two decimal places, with 1 representing very poor quality and 5 "
     "representing excellent quality."
 )
-EXAMPLE_ANSWER = '{"sharpness": 4.10, "color": 3.80, "noise": 4.50, "composition": 3.20, "overall": 3.90}'
+EXAMPLE_ANSWER = ('{"sharpness": 4.10, "color": 3.80, "noise": 4.50, "composition": 3.20, '
+                  '"overall": 3.90}')
 
 
 def build_prompt(thinking: bool = True) -> str:
-    lines = ["You are an expert in image quality assessment. Rate this picture on four attributes and overall."]
+    lines = ["You are an expert in image quality assessment. "
+             "Rate this picture on four attributes and overall."]
     for name, definition in ATTRIBUTE_DEFINITIONS.items():
         lines.append(f"- {name}: {definition}")
     lines.append(OVERALL_QUESTION)
-    lines.append("Every score is a float between 1 and 5, rounded to two decimal places; higher is better for every key.")
+    lines.append("Every score is a float between 1 and 5, rounded to two decimal places; "
+                 "higher is better for every key.")
     if thinking:
-        lines.append("First reason briefly about each attribute and how they combine inside <think> </think> tags, "
-                     "then give the scores as one JSON object inside <answer> </answer> tags, keys in this order:")
+        lines.append("First reason briefly about each attribute and how they combine inside "
+                     "<think> </think> tags, then give the scores as one JSON object inside "
+                     "<answer> </answer> tags, keys in this order:")
         lines.append(f"<think> ... </think><answer>{EXAMPLE_ANSWER}</answer>")
     else:
-        lines.append("Give only the scores as one JSON object inside <answer> </answer> tags, keys in this order:")
+        lines.append("Give only the scores as one JSON object inside <answer> </answer> tags, "
+                     "keys in this order:")
         lines.append(f"<answer>{EXAMPLE_ANSWER}</answer>")
     return "\n".join(lines)
 
@@ -70,7 +83,8 @@ def build_messages(thinking: bool = True) -> list[dict]:
     # The instruction before the image (departure 3): every prompt then starts with the same tokens.
     # No path here computes them once for several images (rollouts.sample_shared shares one image's
     # prompt across its K completions); a serving engine's prefix cache can.
-    return [{"role": "user", "content": [{"type": "text", "text": build_prompt(thinking)}, {"type": "image"}]}]
+    content = [{"type": "text", "text": build_prompt(thinking)}, {"type": "image"}]
+    return [{"role": "user", "content": content}]
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -80,7 +94,9 @@ _STRICT_FAST = re.compile(r"<answer>(.+?)</answer>", re.DOTALL)
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 _FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_PAIR = {a: re.compile(r"[\"']?\b" + a + r"\b[\"']?\s*[:=]\s*[\"']?(" + _NUMBER + ")", re.IGNORECASE) for a in ATTRIBUTES}
+_PAIR = {a: re.compile(r"[\"']?\b" + a + r"\b[\"']?\s*[:=]\s*[\"']?(" + _NUMBER + ")",
+                      re.IGNORECASE)
+         for a in ATTRIBUTES}
 
 
 def _as_float(value) -> float:
@@ -109,7 +125,8 @@ def _strict(text: str, thinking: bool) -> dict[str, float] | None:
     out = {}
     for key in ATTRIBUTES:
         value = obj[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value <= 5.0:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or not 1.0 <= value <= 5.0:
             return None
         out[key] = float(value)
     return out
@@ -127,7 +144,8 @@ def _last_json_object(block: str) -> dict | None:
     return None
 
 
-def parse_answer(text: str, strict: bool = False, thinking: bool = True, clip: bool = True) -> dict[str, float] | None:
+def parse_answer(text: str, strict: bool = False, thinking: bool = True,
+                 clip: bool = True) -> dict[str, float] | None:
     """Scores from a completion (docs/METHOD.md, section 1).
 
     strict: None unless the whole completion is exactly the requested layout with all five keys
@@ -211,15 +229,17 @@ def load_image(image):
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
     except (OSError, ValueError) as err:
-        raise ImageLoadError(f"{name}: cannot convert image of mode {image.mode} to RGB ({err})") from None
+        raise ImageLoadError(f"{name}: cannot convert image of mode {image.mode} to RGB "
+                             f"({err})") from None
 
 
-# ----------------------------------------------------------------------------- loading real checkpoints
+# ----------------------------------------------------------------------------- loading checkpoints
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # scoring; grpo.py trains TRAINABLE_MODEL_TYPES
-TRAINABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # dense models; the MoE one scores only
-TINY_MODELS = tiny.NAMES  # offline models built in-process (tests, the demo): --model accepts these names
-DEFAULT_IMAGE_TOKENS = 1280  # transformers' own default for these processors: at most 1,280 image tokens
+# scoring; grpo.py trains TRAINABLE_MODEL_TYPES
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+TRAINABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # dense; the MoE one scores only
+TINY_MODELS = tiny.NAMES  # offline models built in-process (tests, the demo); --model takes them
+DEFAULT_IMAGE_TOKENS = 1280  # transformers' default for these processors: at most 1,280 tokens
 DEFAULT_MAX_PIXELS = DEFAULT_IMAGE_TOKENS * 28 * 28  # 1,003,520 px with Qwen2.5-VL's 28 px tokens
 
 
@@ -233,74 +253,91 @@ def resolve_device(device: str):
 
 def apply_adapter(model, adapter_dir: str | os.PathLike) -> None:
     """Merge LoRA weights saved in PEFT's layout (adapter_config.json, adapter_model.safetensors,
-    keys `base_model.model.<module>.lora_A.weight`) into the model: W + alpha / r * B @ A in fp32."""
+    keys `base_model.model.<module>.lora_A.weight`) into the model: W + alpha / r * B @ A in
+    fp32."""
     import torch
     from safetensors.torch import load_file
 
     from lora import merged_weight
 
     adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    config_path = adapter_dir / "adapter_config.json"
+    weights_path = adapter_dir / "adapter_model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; an adapter folder holds adapter_config.json and adapter_model.safetensors")
+            raise FileNotFoundError(f"{path}: missing; an adapter folder holds adapter_config.json "
+                                    "and adapter_model.safetensors")
     config = json.loads(config_path.read_text())
     scale = float(config["lora_alpha"]) / float(config["r"])
     weights = load_file(str(weights_path))
     modules = dict(model.named_modules())
-    names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
+    prefix = "base_model.model."
+    names = sorted({k[len(prefix):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
     for name in names:
         if name not in modules:
-            raise ValueError(f"{weights_path}: adapter targets {name!r}, which this model does not have")
+            raise ValueError(f"{weights_path}: adapter targets {name!r}, which this model does "
+                             "not have")
         linear = modules[name]
         a = weights[f"base_model.model.{name}.lora_A.weight"]
         b = weights[f"base_model.model.{name}.lora_B.weight"]
         with torch.no_grad():
-            linear.weight.copy_(merged_weight(linear.weight, a.to(linear.weight.device), b.to(linear.weight.device), scale))
+            device = linear.weight.device
+            linear.weight.copy_(merged_weight(linear.weight, a.to(device), b.to(device), scale))
 
 
 def load(name_or_path: str, device: str = "auto", dtype: str = "auto", adapter: str | None = None,
          max_pixels: int | None = 0, seed: int = 0):
-    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local folder or hub id), or one of TINY_MODELS.
-    Returns (model, processor) in eval mode, left padding for batching, the processor's pixel cap
-    lowered to max_pixels (0: DEFAULT_IMAGE_TOKENS image tokens in the family's own units: 28 px for
-    Qwen2.5-VL, 32 px for Qwen3-VL; None: the processor's own cap). The family is the checkpoint's
-    config.model_type, never its name."""
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (local folder or hub id), or one of
+    TINY_MODELS. Returns (model, processor) in eval mode, left padding for batching, the processor's
+    pixel cap lowered to max_pixels (0: DEFAULT_IMAGE_TOKENS image tokens in the family's own units:
+    28 px for Qwen2.5-VL, 32 px for Qwen3-VL; None: the processor's own cap). The family is the
+    checkpoint's config.model_type, never its name."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     target = resolve_device(device)
     if name_or_path in TINY_MODELS:
         torch.manual_seed(seed)
-        model, processor = tiny.build(name_or_path, seed, prompts=(build_prompt(True), build_prompt(False)), keys=ATTRIBUTES)
+        prompts = (build_prompt(True), build_prompt(False))
+        model, processor = tiny.build(name_or_path, seed, prompts=prompts, keys=ATTRIBUTES)
         if dtype != "auto":
             model = model.to(getattr(torch, dtype))
     else:
         path = str(name_or_path)
-        looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1  # a hub id is "org/name"
+        # a hub id is "org/name"
+        looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
         if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path}: no config.json there, so it is not a model checkpoint folder")
+            raise FileNotFoundError(f"{path}: no config.json there, so it is not a model "
+                                    "checkpoint folder")
         if not os.path.exists(path) and looks_local:
             raise FileNotFoundError(f"{path}: no such model folder")
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except OSError as err:
-            raise FileNotFoundError(f"{path}: cannot load a model config ({str(err).splitlines()[0]})") from None
+            first_line = str(err).splitlines()[0]
+            raise FileNotFoundError(f"{path}: cannot load a model config ({first_line})") from None
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{path}: model type {config.model_type!r} is not a supported VLM "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        torch_dtype = (torch.bfloat16 if target.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False).eval()
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype,
+                                                            trust_remote_code=False).eval()
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
-    cap_pixels(processor.image_processor, default_max_pixels(processor.image_processor) if max_pixels == 0 else max_pixels)
+    if max_pixels == 0:
+        max_pixels = default_max_pixels(processor.image_processor)
+    cap_pixels(processor.image_processor, max_pixels)
     if adapter is not None:
         apply_adapter(model, adapter)
     return model.to(target), processor
 
 
 def default_max_pixels(image_processor) -> int:
-    """DEFAULT_IMAGE_TOKENS merged tokens of the family's size (patch x merge: 28 px Qwen2.5-VL, 32 px Qwen3-VL)."""
+    """DEFAULT_IMAGE_TOKENS merged tokens of the family's size (patch x merge: 28 px for
+    Qwen2.5-VL, 32 px for Qwen3-VL)."""
     side = image_processor.patch_size * image_processor.merge_size
     return DEFAULT_IMAGE_TOKENS * side * side
 
@@ -308,7 +345,8 @@ def default_max_pixels(image_processor) -> int:
 def cap_pixels(image_processor, max_pixels: int | None) -> None:
     """Lower the processor's pixel cap to max_pixels (never raise it: a checkpoint saved with a
     smaller cap, such as the demo's 84 x 84 scenes, keeps it). Qwen's published processors allow
-    12.8 MP: 15,301 image tokens for a 4000 x 3000 photo; 1,003,520 pixels is at most 1,280 tokens."""
+    12.8 MP: 15,301 image tokens for a 4000 x 3000 photo; 1,003,520 pixels is at most 1,280
+    tokens."""
     if max_pixels is None:
         return
     size = image_processor.size  # a dict, or transformers' SizeDict (item access works on both)
@@ -325,20 +363,24 @@ def cap_pixels(image_processor, max_pixels: int | None) -> None:
 def banned_token_ids(processor, vocab_size: int | None = None) -> list[int]:
     """Token ids a completion must never contain: special tokens (a sampled <|image_pad|> breaks the
     next forward: "Image features and image tokens do not match") and, given the model's vocab_size,
-    the embedding rows past the tokenizer's last token (151,665-151,935 in Qwen2.5-VL: they decode to '')."""
+    the embedding rows past the tokenizer's last token (151,665-151,935 in Qwen2.5-VL: they decode
+    to '')."""
     tok = processor.tokenizer
-    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|vision_pad|>"]
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
+             "<|vision_pad|>"]
     vocab = tok.get_vocab()  # a fresh dict of the whole vocabulary on every call: build it once
     ids = {vocab[n] for n in names if n in vocab} - {tok.unk_token_id}
     return sorted(ids | set(range(len(tok), vocab_size or len(tok))))
 
 
 def prompt_text(processor, thinking: bool = True) -> str:
-    return processor.apply_chat_template(build_messages(thinking), add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(build_messages(thinking), add_generation_prompt=True,
+                                         tokenize=False)
 
 
 def token_ids(processor, tokens: list[str]) -> list[int]:
-    """The ids of tokens that are single entries of the tokenizer's vocabulary; an error names any other."""
+    """The ids of tokens that are single entries of the tokenizer's vocabulary; an error names any
+    other."""
     vocab = processor.tokenizer.get_vocab()
     missing = [t for t in tokens if t not in vocab]
     if missing:
@@ -373,13 +415,14 @@ def decode_completions(processor, sequences, eos: list[int], opening: str = "") 
 
 
 def plain_generation_config(model):
-    """A generation config holding only the model's special-token ids: what scoring decodes under and
-    what merged checkpoints are saved with, so no checkpoint setting (Qwen's repetition_penalty,
+    """A generation config holding only the model's special-token ids: what scoring decodes under
+    and what merged checkpoints are saved with, so no checkpoint setting (Qwen's repetition_penalty,
     top_k ...) changes a score."""
     from transformers import GenerationConfig
 
     gc = model.generation_config
-    return GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id)
+    return GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id,
+                            pad_token_id=gc.pad_token_id)
 
 
 class _generation_config:
@@ -397,13 +440,16 @@ class _generation_config:
 
 
 def decoding_settings(temperature: float, max_new_tokens: int, num_samples: int = 1) -> dict:
-    """Every sampling setting of generate, explicit (the decoding contract shared with grpo's rollouts):
-    plain temperature sampling, or greedy at temperature 0; no top-k, top-p, repetition penalty or beams."""
-    sampling = (dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0  # top_k 0: none
-                else dict(do_sample=False, temperature=1.0, top_k=None))  # greedy: a top_k would only draw a warning
-    return dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=num_samples, num_beams=1,
-                top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                length_penalty=1.0, **sampling)
+    """Every sampling setting of generate, explicit (the decoding contract shared with grpo's
+    rollouts): plain temperature sampling, or greedy at temperature 0; no top-k, top-p, repetition
+    penalty or beams."""
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0)  # top_k 0: none
+    else:  # greedy: a top_k would only draw a warning
+        sampling = dict(do_sample=False, temperature=1.0, top_k=None)
+    return dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=num_samples,
+                num_beams=1, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+                no_repeat_ngram_size=0, length_penalty=1.0, **sampling)
 
 
 # Completion budgets, in tokens. Thinking: VisualQuality-R1's 256. Fast: the longest valid answer
@@ -412,8 +458,9 @@ def decoding_settings(temperature: float, max_new_tokens: int, num_samples: int 
 MAX_NEW_TOKENS = {True: 256, False: 96}
 
 
-def score(model, processor, images, thinking: bool = True, batch_size: int = 8, num_samples: int = 1,
-          temperature: float = 0.0, max_new_tokens: int | None = None, progress: bool = False) -> list[dict]:
+def score(model, processor, images, thinking: bool = True, batch_size: int = 8,
+          num_samples: int = 1, temperature: float = 0.0, max_new_tokens: int | None = None,
+          progress: bool = False) -> list[dict]:
     """Score images (paths or PIL images) in batches; results in input order.
 
     Each result: the five scores (lenient parse, clipped to [1, 5], NaN if missing; the mean over
@@ -426,16 +473,18 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
     if max_new_tokens is None:
         max_new_tokens = MAX_NEW_TOKENS[thinking]
     if num_samples > 1 and temperature <= 0:
-        raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be equal)")
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be "
+                         "equal)")
     images = list(images)
-    processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
+    processor.tokenizer.padding_side = "left"  # batched generation continues each row's last token
     text, opening = prompt_text(processor, thinking), template_opening(processor, thinking)
     eos = eos_ids(model, processor)
     banned = banned_token_ids(processor, model.get_output_embeddings().out_features)
     device = next(model.parameters()).device
-    generation_config = plain_generation_config(model)  # not the checkpoint's: see decoding_settings
-    generation_config.update(**decoding_settings(temperature, max_new_tokens, num_samples), eos_token_id=eos,
-                             pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=banned or None)
+    generation_config = plain_generation_config(model)  # not the checkpoint's (decoding_settings)
+    generation_config.update(**decoding_settings(temperature, max_new_tokens, num_samples),
+                             eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id,
+                             suppress_tokens=banned or None)
     results = []
     starts = range(0, len(images), batch_size)
     if progress:
@@ -444,25 +493,32 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
     for start in starts:
         chunk = images[start:start + batch_size]
         pil = [load_image(im) for im in chunk]
-        enc = processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt").to(device)
+        enc = processor(text=[text] * len(pil), images=pil, padding=True, return_tensors="pt")
+        enc = enc.to(device)
         with torch.no_grad():
             with _generation_config(model, generation_config):
                 out = model.generate(**enc, generation_config=generation_config)
-        completions = decode_completions(processor, out[:, enc["input_ids"].shape[1]:], eos, opening)
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        completions = decode_completions(processor, new_tokens, eos, opening)
         for i, image in enumerate(chunk):
             samples = completions[i * num_samples:(i + 1) * num_samples]
             parsed = np.array([[parse_answer(c)[a] for a in ATTRIBUTES] for c in samples])  # (S, A)
             strict = [parse_answer(c, strict=True, thinking=thinking) is not None for c in samples]
             with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN is the answer
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN is right
                 mean = np.nanmean(parsed, axis=0)
                 std = np.nanstd(parsed, axis=0, ddof=1) if num_samples > 1 else None
-            result = {"image": image if isinstance(image, str) else getattr(image, "filename", "") or f"<image {start + i}>"}
+            if isinstance(image, str):
+                name = image
+            else:
+                name = getattr(image, "filename", "") or f"<image {start + i}>"
+            result = {"image": name}
             result.update({a: float(mean[j]) for j, a in enumerate(ATTRIBUTES)})
             if std is not None:
                 result["std"] = {a: float(std[j]) for j, a in enumerate(ATTRIBUTES)}
-            result.update(reasoning=reasoning_text(samples[0]), completion=samples[0], completions=samples,
-                          strict=all(strict), strict_rate=sum(strict) / len(strict))
+            result.update(reasoning=reasoning_text(samples[0]), completion=samples[0],
+                          completions=samples, strict=all(strict),
+                          strict_rate=sum(strict) / len(strict))
             results.append(result)
     return results
 
@@ -470,7 +526,8 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8, 
 # ----------------------------------------------------------------------------- command line
 
 def json_safe(obj):
-    """NaN and infinities -> None (null), recursively: what strict JSON readers (jq, browsers) accept."""
+    """NaN and infinities -> None (null), recursively: what strict JSON readers (jq, browsers)
+    accept."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
@@ -481,19 +538,29 @@ def json_safe(obj):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score image quality (sharpness, color, noise, composition, overall) with a VLM.")
+    parser = argparse.ArgumentParser(description="Score image quality (sharpness, color, noise, "
+                                                 "composition, overall) with a VLM.")
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--model", required=True, help="checkpoint folder or hub id; untrained offline models: " + ", ".join(TINY_MODELS))
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder written by grpo.py (PEFT layout)")
-    parser.add_argument("--fast", action="store_true", help="no reasoning, only the answer (non-thinking prompt)")
-    parser.add_argument("--json", action="store_true", help="one JSON line per image, with the reasoning")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint folder or hub id; untrained offline models: "
+                             + ", ".join(TINY_MODELS))
+    parser.add_argument("--adapter", default=None,
+                        help="LoRA adapter folder written by grpo.py (PEFT layout)")
+    parser.add_argument("--fast", action="store_true",
+                        help="no reasoning, only the answer (non-thinking prompt)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON line per image, with the reasoning")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"default {MAX_NEW_TOKENS[True]} (thinking) or {MAX_NEW_TOKENS[False]} (--fast)")
+                        help=f"default {MAX_NEW_TOKENS[True]} (thinking) or "
+                             f"{MAX_NEW_TOKENS[False]} (--fast)")
     parser.add_argument("--max-pixels", type=int, default=0,
-                        help="pixel cap for the processor (0: 1,280 image tokens, 1,003,520 px for Qwen2.5-VL; a smaller saved cap wins)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+                        help="pixel cap for the processor (0: 1,280 image tokens, 1,003,520 px for "
+                             "Qwen2.5-VL; a smaller saved cap wins)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
     import torch
@@ -507,9 +574,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
     if args.model in TINY_MODELS:
-        print(f"note: --model {args.model} is an untrained random model: its scores are noise.", file=sys.stderr)
+        print(f"note: --model {args.model} is an untrained random model: its scores are noise.",
+              file=sys.stderr)
     try:
-        model, processor = load(args.model, device=args.device, adapter=args.adapter, max_pixels=args.max_pixels)
+        model, processor = load(args.model, device=args.device, adapter=args.adapter,
+                                max_pixels=args.max_pixels)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,12 +5,13 @@ probability that its score beats image j's mean matches the ground-truth prefere
 (fidelity, as VisualQuality-R1's RL2R), averaged over the comparable images j; the total adds a
 strict-format reward and weights the attributes (docs/METHOD.md, section 2). Preferences come from
 labels (MOS, human attribute scores) or from distortion metadata of synthetic datasets (section 4).
-The per-token credit GRPO gives those rewards (one advantage per completion, or per attribute score) is here too.
+The per-token credit GRPO gives those rewards (one advantage per completion, or per attribute score)
+is here too.
 
     python reward.py --bench          # time mg_reward for B=64, K=8, A=5 on one CPU thread
 
-Departures (NaN for unparseable scores, out-of-range scores in training, --ignore-ties, TRL padding):
-docs/METHOD.md, section 7, departures 2 and 6.
+Departures (NaN for unparseable scores, out-of-range scores in training, --ignore-ties, TRL
+padding): docs/METHOD.md, section 7, departures 2 and 6.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import torch
 
 from mgiqa import ATTRIBUTES, FAMILY_TO_ATTRIBUTE, LABELLED, parse_answer
 
-DEFAULT_WEIGHTS = tuple(1.0 if a == "overall" else 0.25 for a in ATTRIBUTES)  # (A,): overall 1, each attribute .25
+# (A,): overall 1, each attribute .25
+DEFAULT_WEIGHTS = tuple(1.0 if a == "overall" else 0.25 for a in ATTRIBUTES)
 
 
 def preference_matrix(labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,27 +38,33 @@ def preference_matrix(labels) -> tuple[torch.Tensor, torch.Tensor]:
     yi, yj = y[:, None], y[None, :]
     P = (yi > yj).float() + 0.5 * (yi == yj).float()                       # (B, B)
     labelled = ~torch.isnan(y)
-    M = labelled[:, None] & labelled[None, :] & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+    off_diagonal = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+    M = labelled[:, None] & labelled[None, :] & off_diagonal
     return P, M
 
 
 def preferences(records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """labels (B, A) with NaN where absent; ground truth P and mask M, both (A, B, B), ATTRIBUTES order.
-    Labelled pairs: preference_matrix of each attribute's labels. Unlabelled pairs of one reference whose
-    families map to the attribute (a clean image counts for every family) are ordered by level, the
-    lower level better (mgiqa.FAMILY_TO_ATTRIBUTE: blur -> sharpness, noise, color, composition)."""
-    labels = torch.tensor([[r.attributes.get(a, math.nan) for a in LABELLED] + [r.mos] for r in records],
-                          dtype=torch.float64)                                          # (B, A)
-    P, M = map(torch.stack, zip(*(preference_matrix(labels[:, a]) for a in range(len(ATTRIBUTES)))))  # (A, B, B)
+    """labels (B, A) with NaN where absent; ground truth P and mask M, both (A, B, B), ATTRIBUTES
+    order. Labelled pairs: preference_matrix of each attribute's labels. Unlabelled pairs of one
+    reference whose families map to the attribute (a clean image counts for every family) are
+    ordered by level, the lower level better (mgiqa.FAMILY_TO_ATTRIBUTE: blur -> sharpness, noise,
+    color, composition)."""
+    labels = torch.tensor([[r.attributes.get(a, math.nan) for a in LABELLED] + [r.mos]
+                           for r in records], dtype=torch.float64)              # (B, A)
+    pairs = [preference_matrix(labels[:, a]) for a in range(len(ATTRIBUTES))]
+    P, M = map(torch.stack, zip(*pairs))                                        # (A, B, B)
     B = len(records)
     refs = [r.ref or "" for r in records]
-    same_ref = torch.tensor([[bool(x) and x == y for y in refs] for x in refs]) & ~torch.eye(B, dtype=torch.bool)
-    level = torch.tensor([math.nan if r.level is None else float(r.level) for r in records], dtype=torch.float64)
-    by_level, _ = preference_matrix(-level)                                             # lower level = better
+    same_ref = torch.tensor([[bool(x) and x == y for y in refs] for x in refs])
+    same_ref &= ~torch.eye(B, dtype=torch.bool)
+    level = torch.tensor([math.nan if r.level is None else float(r.level) for r in records],
+                         dtype=torch.float64)
+    by_level, _ = preference_matrix(-level)                                     # lower is better
     clean = torch.tensor([r.level == 0 and r.family is None for r in records])
     for a, name in enumerate(LABELLED):
-        ok = clean | torch.tensor([FAMILY_TO_ATTRIBUTE.get(r.family) == name and r.level is not None for r in records])
-        meta = same_ref & ok[:, None] & ok[None, :] & ~M[a]                             # label pairs take precedence
+        ok = clean | torch.tensor([FAMILY_TO_ATTRIBUTE.get(r.family) == name and r.level is not None
+                                   for r in records])
+        meta = same_ref & ok[:, None] & ok[None, :] & ~M[a]                     # label pairs first
         P[a] = torch.where(meta, by_level, P[a])
         M[a] |= meta
     return labels.float(), torch.where(M, P, 0.5).float(), M
@@ -75,7 +83,8 @@ def group_stats(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def thurstone_probability(s, mu, var, gamma: float = 1e-6) -> torch.Tensor:
     """p_hat[i, j, k] = Phi((s[i, k] - mu[j]) / sqrt(var[i] + var[j] + gamma))."""
-    z = (s[..., :, None, :] - mu[..., None, :, None]) / torch.sqrt(var[..., :, None, None] + var[..., None, :, None] + gamma)
+    spread = torch.sqrt(var[..., :, None, None] + var[..., None, :, None] + gamma)
+    z = (s[..., :, None, :] - mu[..., None, :, None]) / spread
     return torch.special.ndtr(z)                                           # (..., B, B, K)
 
 
@@ -84,7 +93,8 @@ def fidelity(P, p_hat, eps: float = 1e-6) -> torch.Tensor:
     return torch.sqrt(P * p_hat + eps) + torch.sqrt((1 - P) * (1 - p_hat) + eps)
 
 
-def thurstone_fidelity(scores, P, M, gamma: float = 1e-6, eps: float = 1e-6, ignore_ties: bool = False) -> torch.Tensor:
+def thurstone_fidelity(scores, P, M, gamma: float = 1e-6, eps: float = 1e-6,
+                       ignore_ties: bool = False) -> torch.Tensor:
     """r[i, k] = mean over comparable j of f[i, j, k]; 0 if no such j or s[i, k] is NaN.
 
     scores (..., B, K), P and M (..., B, B); leading dims (e.g. A) are batched alike.
@@ -103,33 +113,43 @@ def thurstone_fidelity(scores, P, M, gamma: float = 1e-6, eps: float = 1e-6, ign
 
 def format_reward(completions: list[str], thinking: bool = True) -> torch.Tensor:
     """1.0 where the completion is exactly the requested layout (strict parse), else 0.0."""
-    return torch.tensor([float(parse_answer(c, strict=True, thinking=thinking) is not None) for c in completions])
+    return torch.tensor([float(parse_answer(c, strict=True, thinking=thinking) is not None)
+                         for c in completions])
 
 
 def parse_scores(completions: list[str], B: int, K: int) -> torch.Tensor:
-    """Lenient scores, out-of-range = NaN (docs/METHOD.md, departure 2), as (B, K, A) in image-major row order."""
+    """Lenient scores, out-of-range = NaN (docs/METHOD.md, departure 2), as (B, K, A) in image-major
+    row order."""
     if len(completions) != B * K:
-        raise ValueError(f"reward.parse_scores: {len(completions)} completions, expected B*K = {B}*{K}")
+        raise ValueError(f"reward.parse_scores: {len(completions)} completions, "
+                         f"expected B*K = {B}*{K}")
     rows = [parse_answer(c, clip=False) for c in completions]
-    return torch.tensor([[r[a] for a in ATTRIBUTES] for r in rows], dtype=torch.float32).view(B, K, len(ATTRIBUTES))
+    scores = torch.tensor([[r[a] for a in ATTRIBUTES] for r in rows], dtype=torch.float32)
+    return scores.view(B, K, len(ATTRIBUTES))
 
 
-def mg_reward(completions: list[str], P, M, weights=None, w_format: float = 1.0, thinking: bool = True,
-              gamma: float = 1e-6, ignore_ties: bool = False) -> dict[str, torch.Tensor]:
+def mg_reward(completions: list[str], P, M, weights=None, w_format: float = 1.0,
+              thinking: bool = True, gamma: float = 1e-6,
+              ignore_ties: bool = False) -> dict[str, torch.Tensor]:
     """R[i, k] = w_format F[i, k] + sum_a w_a r[i, k, a]. P, M: (A, B, B), ATTRIBUTES order."""
     A = len(ATTRIBUTES)
     if P.dim() != 3 or P.shape[0] != A or P.shape[1] != P.shape[2] or M.shape != P.shape:
-        raise ValueError(f"reward.mg_reward: P {tuple(P.shape)} and M {tuple(M.shape)} must both be (A={A}, B, B)")
+        raise ValueError(f"reward.mg_reward: P {tuple(P.shape)} and M {tuple(M.shape)} must both "
+                         f"be (A={A}, B, B)")
     B = P.shape[1]
     if B == 0 or len(completions) == 0 or len(completions) % B:
-        raise ValueError(f"reward.mg_reward: {len(completions)} completions do not split into B={B} images of K rollouts")
+        raise ValueError(f"reward.mg_reward: {len(completions)} completions do not split into "
+                         f"B={B} images of K rollouts")
     K = len(completions) // B
-    w = torch.as_tensor(DEFAULT_WEIGHTS if weights is None else weights, dtype=torch.float32, device=P.device)
+    w = torch.as_tensor(DEFAULT_WEIGHTS if weights is None else weights, dtype=torch.float32,
+                        device=P.device)
     if w.shape != (A,):
-        raise ValueError(f"reward.mg_reward: weights {tuple(w.shape)} must be (A={A},) in order {ATTRIBUTES}")
+        raise ValueError(f"reward.mg_reward: weights {tuple(w.shape)} must be (A={A},) "
+                         f"in order {ATTRIBUTES}")
     scores = parse_scores(completions, B, K).to(P.device)                  # (B, K, A)
     F = format_reward(completions, thinking).to(P.device).view(B, K)       # (B, K)
-    r = thurstone_fidelity(scores.permute(2, 0, 1), P, M, gamma=gamma, ignore_ties=ignore_ties)  # (A, B, K)
+    r = thurstone_fidelity(scores.permute(2, 0, 1), P, M, gamma=gamma,
+                           ignore_ties=ignore_ties)                       # (A, B, K)
     per_attribute = r.permute(1, 2, 0)                                     # (B, K, A)
     total = w_format * F + (per_attribute * w).sum(-1)
     return {"total": total, "per_attribute": per_attribute, "format": F, "scores": scores}
@@ -155,7 +175,7 @@ def score_token_attributes(tokenizer, ids, mask) -> torch.Tensor:
     """(R, T) index into ATTRIBUTES of the attribute whose score each token writes (in the last
     <answer> block), -1 elsewhere: which tokens `token_advantages(credit="attribute")` credits."""
     out = torch.full(ids.shape, -1, dtype=torch.long)
-    decoded = {}  # token id -> its text: a batch has few distinct tokens (decode was 8% of a demo step)
+    decoded = {}  # token id -> its text: few distinct tokens (decode was 8% of a demo step)
     for r, (row, m) in enumerate(zip(ids.tolist(), mask.tolist())):
         for t in set(row) - decoded.keys():
             decoded[t] = tokenizer.decode([t])
@@ -164,12 +184,14 @@ def score_token_attributes(tokenizer, ids, mask) -> torch.Tensor:
         text = "".join(pieces)
         for match in _SCORE.finditer(text, max(text.rfind("<answer>"), 0)):
             lo, hi = match.span(2)
-            first, last = int(np.searchsorted(ends, lo, side="right")), int(np.searchsorted(ends, hi - 1, side="right"))
+            first = int(np.searchsorted(ends, lo, side="right"))
+            last = int(np.searchsorted(ends, hi - 1, side="right"))
             out[r, first:last + 1] = ATTRIBUTES.index(match.group(1))
     return out.to(ids.device)
 
 
-def token_advantages(rewards: dict, attr_tokens, credit: str = "sequence", weights=None) -> torch.Tensor:
+def token_advantages(rewards: dict, attr_tokens, credit: str = "sequence",
+                     weights=None) -> torch.Tensor:
     """(B*K, T) advantage per token. sequence: the group advantage of the total reward on every
     token (VisualQuality-R1). attribute: attribute a's score tokens take w_a times a's own group
     advantage (weight 0: no attribute advantage on them), every other token the unnormalised format
@@ -201,54 +223,61 @@ def _text(completion) -> str:
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
         return str(completion[-1].get("content", ""))
-    raise TypeError(f"reward.trl_reward: completion of type {type(completion).__name__} is neither str nor messages")
+    raise TypeError(f"reward.trl_reward: completion of type {type(completion).__name__} is "
+                    "neither str nor messages")
 
 
 def _label(v) -> float:
     return math.nan if v is None else float(v)
 
 
-def trl_reward(prompts, completions, image_id, *, weights=None, w_format: float = 1.0, thinking: bool = True,
-               gamma: float = 1e-6, ignore_ties: bool = False, **columns) -> list[float]:
+def trl_reward(prompts, completions, image_id, *, weights=None, w_format: float = 1.0,
+               thinking: bool = True, gamma: float = 1e-6, ignore_ties: bool = False,
+               **columns) -> list[float]:
     """mg_reward behind TRL GRPOTrainer's reward-function signature; one float per completion.
 
     Groups rows by `image_id` (first-appearance order); labels come from columns named after the
-    attributes (`mos` for overall also accepted); a missing column leaves that attribute unsupervised.
-    Configure with functools.partial(trl_reward, thinking=False, ...).
+    attributes (`mos` for overall also accepted); a missing column leaves that attribute
+    unsupervised. Configure with functools.partial(trl_reward, thinking=False, ...).
     """
     if not completions or len(completions) != len(image_id):
-        raise ValueError(f"reward.trl_reward: {len(completions)} completions but {len(image_id)} image_id values")
+        raise ValueError(f"reward.trl_reward: {len(completions)} completions but "
+                         f"{len(image_id)} image_id values")
     order: dict = {}
     img = [order.setdefault(i, len(order)) for i in image_id]              # image of each row
     B = len(order)
-    slot, seen, first = [], [0] * B, [0] * B                               # rollout index; rows per image; first row
+    slot, seen, first = [], [0] * B, [0] * B  # rollout index; rows per image; its first row
     for row, b in enumerate(img):
         if seen[b] == 0:
             first[b] = row
         slot.append(seen[b])
         seen[b] += 1
     K = max(seen)
-    texts = [""] * (B * K)                                                 # "" parses to NaN: padding
+    texts = [""] * (B * K)                                    # "" parses to NaN: padding
     for row, (b, k) in enumerate(zip(img, slot)):
         texts[b * K + k] = _text(completions[row])
     idx = torch.tensor(img)
     Ps, Ms = [], []
     for a in ATTRIBUTES:
         col = columns.get(a, columns.get("mos") if a == "overall" else None)
-        rows = torch.tensor([math.nan] * len(img) if col is None else [_label(v) for v in col], dtype=torch.float64)
+        values = [math.nan] * len(img) if col is None else [_label(v) for v in col]
+        rows = torch.tensor(values, dtype=torch.float64)
         y = rows[first]                                                    # (B,)
         if not ((rows == y[idx]) | (rows.isnan() & y[idx].isnan())).all():
-            raise ValueError(f"reward.trl_reward: column '{a}' differs between rows of the same image_id")
+            raise ValueError(f"reward.trl_reward: column '{a}' differs between rows of the same "
+                             "image_id")
         P, M = preference_matrix(y)
         Ps.append(P)
         Ms.append(M)
-    out = mg_reward(texts, torch.stack(Ps), torch.stack(Ms), weights, w_format, thinking, gamma, ignore_ties)
+    out = mg_reward(texts, torch.stack(Ps), torch.stack(Ms), weights=weights, w_format=w_format,
+                    thinking=thinking, gamma=gamma, ignore_ties=ignore_ties)
     return out["total"][idx, torch.tensor(slot)].tolist()
 
 
 def _random_completion(rng: random.Random) -> str:
     values = ", ".join(f'"{a}": {rng.uniform(0.5, 5.5):.2f}' for a in ATTRIBUTES)
-    text = f"<think>{' '.join(rng.choice(['sharp', 'noisy', 'dull', 'vivid']) for _ in range(60))}</think>\n<answer>{{{values}}}</answer>"
+    words = " ".join(rng.choice(["sharp", "noisy", "dull", "vivid"]) for _ in range(60))
+    text = f"<think>{words}</think>\n<answer>{{{values}}}</answer>"
     return text if rng.random() > 0.1 else text[: rng.randrange(len(text))]
 
 
@@ -264,13 +293,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     rng = random.Random(0)
     completions = [_random_completion(rng) for _ in range(args.B * args.K)]
-    P, M = map(torch.stack, zip(*(preference_matrix(torch.rand(args.B) * 4 + 1) for _ in ATTRIBUTES)))
+    pairs = [preference_matrix(torch.rand(args.B) * 4 + 1) for _ in ATTRIBUTES]
+    P, M = map(torch.stack, zip(*pairs))
     times = []
     for _ in range(args.repeats + 2):
         t0 = time.perf_counter()
         mg_reward(completions, P, M)
         times.append(time.perf_counter() - t0)
-    print(f"mg_reward B={args.B} K={args.K} A={len(ATTRIBUTES)}: median {1000 * statistics.median(times[2:]):.1f} ms "
+    median_ms = 1000 * statistics.median(times[2:])
+    print(f"mg_reward B={args.B} K={args.K} A={len(ATTRIBUTES)}: median {median_ms:.1f} ms "
           f"over {args.repeats} runs (1 thread)")
     return 0
 
