@@ -92,9 +92,11 @@ def published(name: str):
         return Qwen3VLConfig(text_config=text, vision_config=vision,
                              tie_word_embeddings=text["tie_word_embeddings"], **VISION_TOKENS,
                              **SPECIAL)
-    if name in TINY:
+    if name in TINY:  # tiny.py's own config, its model built on the meta device (no weights)
+        import torch
         import tiny
-        return tiny.build(name)[0].config
+        with torch.device("meta"):
+            return tiny.build(name)[0].config
     raise ValueError(f"unknown architecture {name!r}; known: {', '.join(NAMES)}")
 
 

@@ -362,7 +362,7 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
     # foreach=True: AdamW's default on CUDA (its temporaries span all parameters at once)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     steady_state(optimizer, trainable)
-    tokens = grpo.Tokens.resolve(cfg, model, processor)
+    tokens = resolved_tokens(cfg, model, processor)
     text = mgiqa.prompt_text(processor, cfg.thinking)
     prompts = rollouts.encode_prompts(model, processor, images_for(layout, b), text)
 
@@ -402,6 +402,18 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
     figures.update(prompt_tokens=stats["prompt_tokens"], image_tokens=stats["image_tokens"])
     figures["allocated_only"] = {str(k): v for k, v in tracker.allocated_only.items() if v}
     return figures
+
+
+_TOKENS: dict = {}
+
+
+def resolved_tokens(cfg: grpo.Config, model, processor) -> grpo.Tokens:
+    """grpo.Tokens.resolve, once per processor and vocabulary size (it reads the whole vocabulary,
+    a second per call: most of a tiny model's measurement)."""
+    key = (id(processor), model.get_output_embeddings().out_features, cfg.thinking, cfg.entropy_coef)
+    if key not in _TOKENS:
+        _TOKENS[key] = grpo.Tokens.resolve(cfg, model, processor)
+    return _TOKENS[key]
 
 
 def steady_state(optimizer, params) -> None:
