@@ -113,6 +113,7 @@ class LiveBytes(TorchDispatchMode):
         self.by_kind = collections.Counter()
         self.total = self.peak = self.flops = 0
         self.at_peak: dict = {}
+        self.segments: dict = {}  # the current phase's closed segments
 
     def add(self, tensor, kind: str = "activations") -> None:
         """Count tensor's storage (once) as `kind`; a storage already counted changes to `kind`."""
@@ -141,11 +142,20 @@ class LiveBytes(TorchDispatchMode):
         if self.total > self.peak:
             self.peak, self.at_peak = self.total, dict(self.by_kind)
 
-    def close(self) -> dict:
-        """The peak since the last close (with the bytes per kind at it); the next starts now."""
-        out = {"peak": self.peak, **{k: self.at_peak.get(k, 0) for k in KINDS}}
+    def cut(self, name: str) -> None:
+        """End a segment of the phase here (its peak, and the bytes per kind at it, under name): a
+        peak at another moment may grow faster with depth (decoding's KV cache against the
+        prefill), so each segment is extrapolated on its own."""
+        self.segments[name] = {"peak": self.peak, **{k: self.at_peak.get(k, 0) for k in KINDS}}
         self.peak, self.at_peak = self.total, dict(self.by_kind)
-        return out
+
+    def close(self, name: str = "rest") -> dict:
+        """The peak since the last close, with the bytes per kind at it, and each segment's (the
+        last one named `name`); the next phase starts now."""
+        self.cut(name)
+        segments, self.segments = self.segments, {}
+        top = max(segments.values(), key=lambda f: f["peak"])
+        return {**top, "segments": segments}
 
     def skipped(self, func, args, kwargs) -> bool:
         """SKIPPED ops, and ELEMENTWISE ones on a big floating tensor (new outputs only)."""
@@ -217,6 +227,8 @@ def kv_cache_counted(tracker: LiveBytes):
 
     def wrap(update):
         def counted(self, *a, **kw):
+            if isinstance(self, cache_utils.StaticLayer) and "prefill" not in tracker.segments:
+                tracker.cut("prefill")  # decoding's cache is about to be allocated
             out = update(self, *a, **kw)
             for t in (getattr(self, "keys", None), getattr(self, "values", None)):
                 tracker.add(t, "kv_cache")
@@ -362,6 +374,11 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
     # foreach=True: AdamW's default on CUDA (its temporaries span all parameters at once)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     steady_state(optimizer, trainable)
+    step = optimizer.step
+
+    def cut_then_step(*a, **kw):  # AdamW's temporaries span every trainable weight: a moment of its own
+        tracker.cut("backward")
+        return step(*a, **kw)
     tokens = resolved_tokens(cfg, model, processor)
     text = mgiqa.prompt_text(processor, cfg.thinking)
     prompts = rollouts.encode_prompts(model, processor, images_for(layout, b), text)
@@ -385,11 +402,12 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
         def end(self, name):
             super().end(name)
             total = tracker.flops
-            figures[name] = {**tracker.close(), "flops": total - clock[1],
+            figures[name] = {**tracker.close(name), "flops": total - clock[1],
                              "cpu_s": time.perf_counter() - clock[0]}
             clock[:] = [time.perf_counter(), total]
 
     original, grpo.Phases = grpo.Phases, Counted
+    optimizer.step = cut_then_step
     try:
         tracker.close()  # the step starts from what is alive now
         with tracker, kv_cache_counted(tracker):
@@ -432,20 +450,34 @@ def linear(x0: float, y0: float, x1: float, y1: float, x: float) -> float:
     return y0 if x1 == x0 else y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
 
-def extrapolate(points: dict, layers, visions, batches, target) -> dict:
-    """points[(L, V, B)] = {phase: {key: number}} at L in layers (2), V in visions (2), B in batches
-    (1 or 2); the figure at target (L, V, B): linear in L and V from (L1, V1), (L2, V1), (L1, V2),
-    then linear in B between the two batch sizes."""
+def predictor(layers, visions, batches, target):
+    """value(L, V, B) -> number, known at L in layers (2), V in visions (2), B in batches (1 or 2),
+    to its value at target (L, V, B): linear in L and V from (L1, V1), (L2, V1), (L1, V2), then
+    linear in B between the two batch sizes."""
     (L1, L2), (V1, V2), (Lt, Vt, Bt) = layers, visions, target
-    at_b = {}
-    for b in batches:
-        base, deeper, wider = points[(L1, V1, b)], points[(L2, V1, b)], points[(L1, V2, b)]
-        at_b[b] = {ph: {k: base[ph][k] + (Lt - L1) * (deeper[ph][k] - base[ph][k]) / (L2 - L1)
-                        + (Vt - V1) * (wider[ph][k] - base[ph][k]) / (V2 - V1) for k in base[ph]}
-                   for ph in PHASES}
-    b0, b1 = batches[0], batches[-1]
-    return {ph: {k: linear(b0, at_b[b0][ph][k], b1, at_b[b1][ph][k], Bt) for k in at_b[b0][ph]}
-            for ph in PHASES}
+
+    def predict(value) -> float:
+        at_b = {b: value(L1, V1, b) + (Lt - L1) * (value(L2, V1, b) - value(L1, V1, b)) / (L2 - L1)
+                + (Vt - V1) * (value(L1, V2, b) - value(L1, V1, b)) / (V2 - V1) for b in batches}
+        return linear(batches[0], at_b[batches[0]], batches[-1], at_b[batches[-1]], Bt)
+    return predict
+
+
+def extrapolate(points: dict, layers, visions, batches, target) -> dict:
+    """points[(L, V, B)] = {phase: {"segments": {name: {"peak": ..., kind: ...}}, "flops": ...}};
+    per phase at target: each segment's figures extrapolated (predictor), the phase's peak the
+    largest segment's (with its bytes per kind), and the FLOPs and CPU seconds."""
+    predict = predictor(layers, visions, batches, target)
+    first = points[(layers[0], visions[0], batches[0])]
+    out = {}
+    for ph in PHASES:
+        segments = {name: {k: predict(lambda L, V, B: points[(L, V, B)][ph]["segments"][name][k])
+                           for k in figures}
+                    for name, figures in first[ph]["segments"].items()}
+        top = max(segments.values(), key=lambda f: f["peak"])
+        totals = {k: predict(lambda L, V, B: points[(L, V, B)][ph][k]) for k in ("flops", "cpu_s")}
+        out[ph] = {**top, "segments": segments, **totals}
+    return out
 
 
 def check_batch_points(cfg: grpo.Config, batches) -> None:

@@ -48,12 +48,17 @@ def test_live_bytes_counts_a_known_computation():
 
 
 def test_linear_and_extrapolate_recover_a_known_bilinear_law():
-    """Points made from m = 7 + 3 L + 5 V + B (2 + L) give back its value at L 28, V 32, B 8."""
+    """Points made from m = 7 + 3 L + 5 V + B (2 + L) give back its value at L 28, V 32, B 8; a
+    segment that peaks higher at the measured depths (100 + L) but grows slower is not the peak."""
     law = lambda L, V, B: 7 + 3 * L + 5 * V + B * (2 + L)  # noqa: E731
-    points = {(L, V, B): {ph: {"peak": law(L, V, B)} for ph in fit.PHASES}
+    def figures(L, V, B):
+        segments = {"steep": {"peak": law(L, V, B)}, "flat": {"peak": 100 + L}}
+        return {"segments": segments, "flops": 2 * law(L, V, B), "cpu_s": 1.0}
+    points = {(L, V, B): {ph: figures(L, V, B) for ph in fit.PHASES}
               for L, V in ((1, 2), (2, 2), (1, 3)) for B in (3, 4)}
-    got = fit.extrapolate(points, (1, 2), (2, 3), (3, 4), (28, 32, 8))
-    assert got["update"]["peak"] == pytest.approx(law(28, 32, 8)) == 7 + 84 + 160 + 240
+    got = fit.extrapolate(points, (1, 2), (2, 3), (3, 4), (28, 32, 8))["update"]
+    assert got["peak"] == pytest.approx(law(28, 32, 8)) == 7 + 84 + 160 + 240
+    assert got["segments"]["flat"]["peak"] == pytest.approx(128) and got["flops"] == pytest.approx(982)
     assert fit.linear(1, 10, 3, 20, 7) == 40 and fit.linear(2, 5, 2, 5, 9) == 5
 
 
