@@ -376,7 +376,7 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
     steady_state(optimizer, trainable)
     step = optimizer.step
 
-    def cut_then_step(*a, **kw):  # AdamW's temporaries span every trainable weight: a moment of its own
+    def cut_then_step(*a, **kw):  # AdamW's temporaries span all trainable weights: its own moment
         tracker.cut("backward")
         return step(*a, **kw)
     tokens = resolved_tokens(cfg, model, processor)
@@ -428,7 +428,8 @@ _TOKENS: dict = {}
 def resolved_tokens(cfg: grpo.Config, model, processor) -> grpo.Tokens:
     """grpo.Tokens.resolve, once per processor and vocabulary size (it reads the whole vocabulary,
     a second per call: most of a tiny model's measurement)."""
-    key = (id(processor), model.get_output_embeddings().out_features, cfg.thinking, cfg.entropy_coef)
+    vocab = model.get_output_embeddings().out_features
+    key = (id(processor), vocab, cfg.thinking, cfg.entropy_coef)
     if key not in _TOKENS:
         _TOKENS[key] = grpo.Tokens.resolve(cfg, model, processor)
     return _TOKENS[key]
