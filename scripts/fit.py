@@ -506,8 +506,11 @@ def check_batch_points(cfg: grpo.Config, batches) -> None:
 def fsdp_per_rank(pred: dict, ranks: int, config, dtype_bytes: int = 2) -> dict:
     """Arithmetic, not measured: --full under FSDP2 on `ranks` GPUs from the unsharded measurement.
     Weights, gradients and AdamW states divide by the ranks; each rank holds besides bf16 copies of
-    the units in use: all of them while sampling (distributed.gathered), else the largest layer
-    twice (one computing, one prefetched) and the root's (embeddings, LM head)."""
+    the units in use: all of them while sampling (distributed.gathered; counted as a quarter of
+    the measured weights, which also hold the bf16 reference: an over-statement), else the root's
+    (embeddings, LM head; the one or two layers in flight are left out). The unsharded
+    run's activations include autocast's bf16 copies of the weights (cached for a forward), which
+    FSDP2 does not make: per rank this over-states them by up to the model's bf16 size."""
     text = config.text_config
     root = text.vocab_size * text.hidden_size * (1 if text.tie_word_embeddings else 2) * dtype_bytes
     out = {}
