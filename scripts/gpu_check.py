@@ -62,6 +62,7 @@ def build(name: str, device: torch.device, out: str) -> None:
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     model = model.to(torch.bfloat16).to_empty(device=device)
+    model.tie_weights()  # to_empty gives a tied LM head its own tensor (Qwen3-VL-2B / 4B tie theirs)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for pname, p in model.named_parameters():
