@@ -25,22 +25,27 @@ three deepstack taps (from blocks 0, 1, 2: depth >= 3), as the published ones ha
 """
 from __future__ import annotations
 
-QWEN25_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                      rms_norm_eps=1e-6, tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0})
-QWEN25_VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                        tokens_per_second=2, fullatt_block_indexes=[7, 15, 23, 31])
+QWEN25_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                      max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                       "rope_theta": 1000000.0})
+QWEN25_VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                        out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                        temporal_patch_size=2, window_size=112, tokens_per_second=2,
+                        fullatt_block_indexes=[7, 15, 23, 31])
 QWEN3_ROPE = {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True,
               "rope_theta": 5000000.0}
 QWEN3_TEXT = {
-    "qwen3-vl-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    "qwen3-vl-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "qwen3-vl-2b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-vl-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                        tie_word_embeddings=False),
+    "qwen3-vl-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                        tie_word_embeddings=True),
+    "qwen3-vl-2b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                        tie_word_embeddings=True),
 }
 QWEN3_VISION = {
     "qwen3-vl-8b": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
@@ -61,7 +66,7 @@ VISION_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_
 
 
 def family(name_or_config) -> str:
-    """The fixture family ("tiny-qwen2.5-vl" or "tiny-qwen3-vl") whose real processor a model uses."""
+    """The fixture family ("tiny-qwen2.5-vl" or "tiny-qwen3-vl") of a model's real processor."""
     kind = name_or_config if isinstance(name_or_config, str) else name_or_config.model_type
     if kind in ("qwen2_vl", "qwen2_5_vl") or kind.startswith(("qwen2.5", "tiny-qwen2.5")):
         return "tiny-qwen2.5-vl"
@@ -75,18 +80,23 @@ def published(name: str):
     from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
     if name == "qwen2.5-vl-7b":
-        return Qwen2_5_VLConfig(text_config={**QWEN25_TEXT_7B, **SPECIAL}, vision_config=dict(QWEN25_VISION_7B),
-                                tie_word_embeddings=False, **VISION_TOKENS, **SPECIAL)
+        return Qwen2_5_VLConfig(text_config={**QWEN25_TEXT_7B, **SPECIAL},
+                                vision_config=dict(QWEN25_VISION_7B), tie_word_embeddings=False,
+                                **VISION_TOKENS, **SPECIAL)
     if name in QWEN3_TEXT:
         text = {**QWEN3_TEXT[name], "vocab_size": 151936, "rope_parameters": dict(QWEN3_ROPE),
                 "max_position_embeddings": 262144, "rms_norm_eps": 1e-6, **SPECIAL}
         vision = {**QWEN3_VISION[name], "out_hidden_size": text["hidden_size"], "patch_size": 16,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304}
-        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
-                             **VISION_TOKENS, **SPECIAL)
-    if name in TINY:
+                  "spatial_merge_size": 2, "temporal_patch_size": 2,
+                  "num_position_embeddings": 2304}
+        return Qwen3VLConfig(text_config=text, vision_config=vision,
+                             tie_word_embeddings=text["tie_word_embeddings"], **VISION_TOKENS,
+                             **SPECIAL)
+    if name in TINY:  # tiny.py's own config, its model built on the meta device (no weights)
+        import torch
         import tiny
-        return tiny.build(name)[0].config
+        with torch.device("meta"):
+            return tiny.build(name)[0].config
     raise ValueError(f"unknown architecture {name!r}; known: {', '.join(NAMES)}")
 
 
@@ -108,8 +118,9 @@ def with_depth(config, text_layers: int, vision_depth: int):
     import copy
 
     if vision_depth < min_vision_depth(config):
-        raise ValueError(f"vision depth {vision_depth} < {min_vision_depth(config)}, the least that keeps "
-                         f"every block type of {config.model_type}")
+        least = min_vision_depth(config)
+        raise ValueError(f"vision depth {vision_depth} < {least}, the least that keeps every block "
+                         f"type of {config.model_type}")
     c = copy.deepcopy(config)
     c.text_config.num_hidden_layers = text_layers
     if getattr(c.text_config, "layer_types", None) is not None:
@@ -123,7 +134,7 @@ def with_depth(config, text_layers: int, vision_depth: int):
 
 
 def config(name: str, text_layers: int | None = None, vision_depth: int | None = None):
-    """The config of architecture `name`, at its published depth unless text_layers / vision_depth."""
+    """Architecture `name`'s config, at its published depth unless text_layers / vision_depth."""
     c = published(name)
     if text_layers is None and vision_depth is None:
         return c

@@ -1,35 +1,38 @@
-"""Will it fit my GPU? The peak bytes of live tensors of one GRPO step (grpo.grpo_step, the real one),
-per phase, measured on the CPU at the model's real width and reduced depth, extrapolated linearly to
-the full depth (and batch), against --gpu-memory.
+"""Will it fit my GPU? The peak bytes of live tensors of one GRPO step (grpo.grpo_step, the real
+one), per phase, measured on the CPU at the model's real width and reduced depth, extrapolated
+linearly to the full depth (and batch), against --gpu-memory.
 
     python scripts/fit.py --model qwen3-vl-4b -B 4 -K 6 --max-pixels 262144 --micro-batch 2 \
-        --gradient-checkpointing --gpu-memory 24                         # the README's 24 GB recipe
+        --gradient-checkpointing --gpu-memory 24                   # the README's 24 GB recipe
     python scripts/fit.py --model qwen2.5-vl-7b -B 8 -K 6 --gradient-checkpointing \
-        --batch-points 3 4 --gpu-memory 80 --json-out docs/fit/qwen2.5-vl-7b.json
-    python scripts/fit.py --model /ckpt/Qwen2.5-VL-7B-Instruct ...      # any folder with a config.json
+        --batch-points 3 4 --gpu-memory 80 --json-out docs/fit/qwen2.5-vl-7b-b8.json
+    python scripts/fit.py --model /ckpt/Qwen2.5-VL-7B-Instruct ...  # a folder with a config.json
 
-What is measured: the bytes of every tensor storage alive at each moment of the step (LiveBytes, a
-TorchDispatchMode), which is what torch.cuda.max_memory_allocated counts on a GPU for the same shapes
-and dtypes, before the caching allocator's rounding and the kernels' own workspaces. The model is
-the architecture's config (architectures.py, or --model's config.json) with random weights in the
-dtype the GPU run uses (bf16 base and fp32 adapters under LoRA; fp32 master weights under --full),
-the family's real processor (tests/fixtures) and images of the sizes gpu_check.py trains on (B-1 of
-512x384 and one 4000x3000; --images WxH for one size). Every completion is --max-new-tokens long
-(force_length), so shapes do not depend on when a random model writes EOS. The optimizer state and
-the previous step's gradients exist from the start, as in every step after the first.
+What is measured: the bytes of every tensor storage alive at each moment of the step (LiveBytes,
+a TorchDispatchMode), what torch.cuda.max_memory_allocated counts on a GPU for the same shapes
+and dtypes, before the caching allocator's rounding and the kernels' own workspaces. The model
+is the architecture's config (architectures.py, or --model's config.json) with random weights in
+the dtype the GPU run uses (bf16 base and fp32 adapters under LoRA; fp32 master weights under
+--full), the family's real processor (tests/fixtures) and images of the sizes gpu_check.py
+trains on (B-1 of 512x384 and one 4000x3000; --images WxH for one size). Every completion is
+--max-new-tokens long (force_length), so no shape depends on when a random model writes EOS.
+The optimizer state and the previous step's gradients exist from the start, as in every step
+after the first.
 
-Matrix products and attention kernels allocate their outputs (true shape, dtype and strides) without
-computing them, and the weights are not written (--exact computes and writes them): the bytes are the
-same (a test checks it on the tiny models), and a real-width step takes a minute or two on 2 cores
-instead of hours. Values are garbage; no shape depends on them (force_length).
+Matrix products and attention kernels, and elementwise ops on tensors of BIG elements or more,
+allocate their outputs (true shape, dtype and strides) without computing them, and the weights
+are not written (--exact computes and writes everything): the bytes are the same (a test checks
+it on the tiny models), and a real-width step takes a minute or two on 2 cores, not hours.
+Values are garbage; no shape depends on them.
 
-Extrapolation: a phase's peak, split by what is alive at that moment (weights, gradients, optimizer
-state, KV cache, activations: everything else, inputs included), is measured at three depths, (L1,
-V1), (L2, V1), (L1, V2) language layers / vision blocks, and is taken as linear in each: per layer
-and per block slopes from the two differences. With --batch-points b1 b2 the same at two batch sizes,
-and linear in B between them (the images: b-1 small and one big). The output says which figures were
-measured and which extrapolated. FLOPs (each op's formula from torch.utils.flop_counter, the table
-FlopCounterMode counts with, on the same step) extrapolate the same way; seconds = FLOPs / (--mfu x --peak-tflops), an estimate, not a measurement.
+Extrapolation: a phase's peak, split by what is alive at that moment (weights, gradients,
+optimizer state, KV cache, activations: everything else, inputs included), is measured at three
+depths, (L1, V1), (L2, V1), (L1, V2) language layers / vision blocks, and taken as linear in
+each (slopes from the two differences). With --batch-points b1 b2 the same at two batch sizes,
+then linear in B between them (images: b-1 small and one big). The output says what was measured
+and what extrapolated. FLOPs (each op's formula from torch.utils.flop_counter, the table that
+FlopCounterMode counts with) extrapolate the same way; seconds = FLOPs / (--mfu x --peak-tflops)
+is an estimate, not a measurement.
 """
 from __future__ import annotations
 
@@ -37,7 +40,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -50,7 +52,7 @@ import numpy as np
 import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -68,7 +70,7 @@ from reward import preference_matrix  # noqa: E402
 GIB = 2 ** 30
 PHASES = ("sampling", "reward", "reference", "update")
 KINDS = ("weights", "gradients", "optimizer", "kv_cache", "activations")
-SMALL, BIG = (512, 384), (4000, 3000)  # gpu_check.make_data's images: KADID-10k's size, a SPAQ original
+SMALL_IMAGE, BIG_IMAGE = (512, 384), (4000, 3000)  # gpu_check.make_data's: KADID-10k, a SPAQ photo
 LOGIT_CHUNK = 4096  # rollouts.token_logprobs' chunk: above it the LM head is recomputed in backward
 
 aten = torch.ops.aten
@@ -77,11 +79,20 @@ SKIPPED = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.d
            aten._scaled_dot_product_flash_attention_for_cpu.default,
            aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
            aten.convolution.default, aten.convolution_backward.default}
+# Elementwise ops, reductions and copies that are also only allocated when one of their floating
+# tensors has BIG elements or more: the training forward's logits, MLP and norms (values garbage);
+# below it (decoding: rows x vocabulary) they compute, so sampling sees finite numbers more often
+ELEMENTWISE = {aten._to_copy, aten.add, aten.sub, aten.mul, aten.div, aten.exp, aten.neg, aten.pow,
+               aten.rsqrt, aten.mean, aten.sum, aten.silu, aten.silu_backward, aten.where,
+               aten.masked_fill, aten.gather, aten.scatter_add, aten.logsumexp, aten.cat,
+               aten.embedding, aten._softmax, aten._log_softmax}
+BIG = 2 ** 24
 # FLOPs per op: torch.utils.flop_counter's formulas (what FlopCounterMode counts with), counted in
-# LiveBytes' own dispatch (one Python mode, not two: half the overhead); its flash-attention formulas
-# for the CPU's flash kernels, which its table lacks
+# LiveBytes' own dispatch (one Python mode, not two: half the overhead); its flash-attention
+# formulas for the CPU's flash kernels, which its table lacks
 FLOPS = dict(flop_counter.flop_registry)
-FLOPS[aten._scaled_dot_product_flash_attention_for_cpu] = FLOPS[aten._scaled_dot_product_flash_attention]
+FLOPS[aten._scaled_dot_product_flash_attention_for_cpu] = FLOPS[
+    aten._scaled_dot_product_flash_attention]
 FLOPS[aten._scaled_dot_product_flash_attention_for_cpu_backward] = FLOPS[
     aten._scaled_dot_product_flash_attention_backward]
 
@@ -94,12 +105,15 @@ class LiveBytes(TorchDispatchMode):
     Each storage has a kind (KINDS); `peak` and `at_peak` (bytes per kind at that moment) are since
     the last close(). skip_compute: SKIPPED ops return zeros of their true shape (same bytes)."""
 
-    def __init__(self, skip_compute: bool = False):
+    def __init__(self, skip_compute: bool = False, big: int = BIG):
         super().__init__()
-        self.skip_compute, self.live = skip_compute, {}  # data_ptr -> [bytes, kind]
+        self.skip_compute, self.big = skip_compute, big
+        self.live = {}  # storage data_ptr -> [bytes, kind]
+        self.allocated_only = collections.Counter()  # ops not computed, by name
         self.by_kind = collections.Counter()
         self.total = self.peak = self.flops = 0
         self.at_peak: dict = {}
+        self.segments: dict = {}  # the current phase's closed segments
 
     def add(self, tensor, kind: str = "activations") -> None:
         """Count tensor's storage (once) as `kind`; a storage already counted changes to `kind`."""
@@ -128,37 +142,80 @@ class LiveBytes(TorchDispatchMode):
         if self.total > self.peak:
             self.peak, self.at_peak = self.total, dict(self.by_kind)
 
-    def close(self) -> dict:
-        """The peak since the last close (with the bytes per kind at it); the next starts from now."""
-        out = {"peak": self.peak, **{k: self.at_peak.get(k, 0) for k in KINDS}}
+    def cut(self, name: str) -> None:
+        """End a segment of the phase here (its peak, and the bytes per kind at it, under name): a
+        peak at another moment may grow faster with depth (decoding's KV cache against the
+        prefill), so each segment is extrapolated on its own."""
+        self.segments[name] = {"peak": self.peak, **{k: self.at_peak.get(k, 0) for k in KINDS}}
         self.peak, self.at_peak = self.total, dict(self.by_kind)
-        return out
+
+    def close(self, name: str = "rest") -> dict:
+        """The peak since the last close, with the bytes per kind at it, and each segment's (the
+        last one named `name`); the next phase starts now."""
+        self.cut(name)
+        segments, self.segments = self.segments, {}
+        top = max(segments.values(), key=lambda f: f["peak"])
+        return {**top, "segments": segments}
+
+    def skipped(self, func, args, kwargs) -> bool:
+        """SKIPPED ops, and ELEMENTWISE ones on a big floating tensor (new outputs only)."""
+        if not self.skip_compute:
+            return False
+        if func in SKIPPED:
+            self.allocated_only[func] += 1
+            return True
+        if func._overloadpacket not in ELEMENTWISE or func._schema.is_mutable or "out" in kwargs:
+            return False
+        big = any(t.is_floating_point() and t.numel() >= self.big for t in tensors_in(args))
+        self.allocated_only[func] += big
+        return big
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = empty_result(func, args, kwargs) if self.skip_compute and func in SKIPPED else func(*args, **kwargs)
+        skip = self.skipped(func, args, kwargs)
+        out = empty_result(func, args, kwargs) if skip else func(*args, **kwargs)
         count = FLOPS.get(func._overloadpacket)
         if count is not None:
             self.flops += count(*args, **kwargs, out_val=out)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                known = self.live.get(storage.data_ptr())
-                if known is None or known[0] != storage.nbytes():  # new, or resized by an out= op
-                    self.add(t, known[1] if known else "activations")
+        for t in tensors_in(out if isinstance(out, (tuple, list)) else (out,)):
+            storage = t.untyped_storage()
+            known = self.live.get(storage.data_ptr())
+            if known is None or known[0] != storage.nbytes():  # new, or resized by an out= op
+                self.add(t, known[1] if known else "activations")
         return out
+
+
+def tensors_in(values) -> list:
+    """The tensors among an op's arguments or outputs (aten nests at most one list deep);
+    tree_flatten's generality cost a third of a decoding step's time."""
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out += [t for t in v if isinstance(t, torch.Tensor)]
+    return out
 
 
 def empty_result(func, args, kwargs):
     """func's outputs, allocated with their true shape, dtype and strides (from its meta kernel) and
     not written: values are garbage, bytes are right. The LM head is such a product, so sampled
-    tokens come from garbage logits: rollouts.sample_tokens still returns an id in the vocabulary."""
+    tokens come from garbage logits: rollouts.sample_tokens still returns an id in the vocabulary.
+    An op whose meta kernel needs values (a 0-dim operand it reads) is computed instead."""
     def meta(t):
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:  # a 0-dim CPU scalar mixes with meta
+            return t
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
     def real(t):
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) if isinstance(t, torch.Tensor) else t
-    return tree_map(real, func(*tree_map(meta, args), **tree_map(meta, kwargs)))
+        if not isinstance(t, torch.Tensor):
+            return t
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+    try:
+        shapes = func(*tree_map(meta, args), **tree_map(meta, kwargs))
+    except (NotImplementedError, RuntimeError):
+        return func(*args, **kwargs)
+    return tree_map(real, shapes)
 
 
 @contextlib.contextmanager
@@ -170,6 +227,8 @@ def kv_cache_counted(tracker: LiveBytes):
 
     def wrap(update):
         def counted(self, *a, **kw):
+            if isinstance(self, cache_utils.StaticLayer) and "prefill" not in tracker.segments:
+                tracker.cut("prefill")  # decoding's cache is about to be allocated
             out = update(self, *a, **kw)
             for t in (getattr(self, "keys", None), getattr(self, "values", None)):
                 tracker.add(t, "kv_cache")
@@ -248,15 +307,15 @@ def base_config(model_arg: str):
     if os.path.isfile(os.path.join(model_arg, "config.json")):
         from transformers import AutoConfig
         return AutoConfig.from_pretrained(model_arg)
-    raise SystemExit(f"fit.py: --model {model_arg!r} is neither one of {', '.join(architectures.NAMES)} "
-                     "nor a folder with a config.json")
+    raise SystemExit(f"fit.py: --model {model_arg!r} is neither one of "
+                     f"{', '.join(architectures.NAMES)} nor a folder with a config.json")
 
 
 @contextlib.contextmanager
 def loading(config, processor, seed: int, written: bool = True):
     """grpo.build_model's mgiqa.load, for the duration, builds config's random model instead of
     reading a checkpoint (then processor pixel cap and padding as mgiqa.load sets them)."""
-    def load(name_or_path, device="auto", dtype="auto", adapter=None, max_pixels=0, seed_=seed, **kw):
+    def load(name_or_path, device="auto", dtype="auto", adapter=None, max_pixels=0, **kw):
         model = random_model(config, getattr(torch, dtype), seed, written)
         processor.tokenizer.padding_side = "left"
         ip = processor.image_processor
@@ -276,10 +335,13 @@ def images_for(layout: str, b: int):
     """b images: gpu_check's layout (b-1 of 512x384, one of 4000x3000) or b of one size WxH."""
     from PIL import Image
 
-    sizes = [SMALL] * (b - 1) + [BIG] if layout == "gpu_check" else [parse_size(layout)] * b
+    if layout == "gpu_check":
+        sizes = [SMALL_IMAGE] * (b - 1) + [BIG_IMAGE]
+    else:
+        sizes = [parse_size(layout)] * b
     rng = np.random.default_rng(0)
     out = []
-    for w, h in sizes:  # smooth blocks, as gpu_check.make_data (the content does not change any shape)
+    for w, h in sizes:  # smooth blocks, as gpu_check.make_data (no shape depends on the content)
         base = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
         out.append(Image.fromarray(base).resize((w, h), Image.BILINEAR))
     return out
@@ -290,11 +352,11 @@ def parse_size(text: str) -> tuple[int, int]:
         w, h = (int(x) for x in text.lower().split("x"))
         return w, h
     except ValueError:
-        raise SystemExit(f"fit.py: --images {text!r}: gpu_check or WIDTHxHEIGHT (e.g. 512x384)") from None
+        raise SystemExit(f"fit.py: --images {text!r}: gpu_check or WxH (512x384)") from None
 
 
 def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: int, layout: str,
-            exact: bool = False) -> dict:
+            exact: bool = False, big: int = BIG) -> dict:
     """One grpo_step of config at (layers, vision) depth on b images: per phase the peak live bytes
     (and per kind at that moment), the FLOPs and the CPU seconds."""
     cfg = dataclasses.replace(cfg, batch_size=b)
@@ -309,13 +371,19 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
     policy = distributed.wrap(model, False, dtype, cfg.shared_prefix)
     ref = distributed.wrap(ref, False, dtype, cfg.shared_prefix) if ref is not None else None
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    # foreach=True: what AdamW picks by default on CUDA (its temporaries span all parameters at once)
+    # foreach=True: AdamW's default on CUDA (its temporaries span all parameters at once)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     steady_state(optimizer, trainable)
-    tokens = grpo.Tokens.resolve(cfg, model, processor)
-    prompts = rollouts.encode_prompts(model, processor, images_for(layout, b), mgiqa.prompt_text(processor, cfg.thinking))
+    step = optimizer.step
 
-    tracker = LiveBytes(skip_compute=not exact)
+    def cut_then_step(*a, **kw):  # AdamW's temporaries span all trainable weights: its own moment
+        tracker.cut("backward")
+        return step(*a, **kw)
+    tokens = resolved_tokens(cfg, model, processor)
+    text = mgiqa.prompt_text(processor, cfg.thinking)
+    prompts = rollouts.encode_prompts(model, processor, images_for(layout, b), text)
+
+    tracker = LiveBytes(skip_compute=not exact, big=big)
     for m in (model, *([] if ref is None else [distributed.unwrap(ref)])):
         for t in (*m.parameters(), *m.buffers()):
             tracker.add(t, "weights")
@@ -325,7 +393,8 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
     for state in optimizer.state.values():
         for t in state.values():
             tracker.add(t, "optimizer")
-    for t in (*(getattr(prompts, f.name) for f in dataclasses.fields(prompts)), P, M, tokens.banned):
+    inputs = [getattr(prompts, f.name) for f in dataclasses.fields(prompts)]
+    for t in (*inputs, P, M, tokens.banned):
         tracker.add(t, "activations")  # the step's inputs
     figures, clock = {}, [time.perf_counter(), 0]
 
@@ -333,22 +402,37 @@ def measure(cfg: grpo.Config, config, processor, layers: int, vision: int, b: in
         def end(self, name):
             super().end(name)
             total = tracker.flops
-            figures[name] = {**tracker.close(), "flops": total - clock[1], "cpu_s": time.perf_counter() - clock[0]}
+            figures[name] = {**tracker.close(name), "flops": total - clock[1],
+                             "cpu_s": time.perf_counter() - clock[0]}
             clock[:] = [time.perf_counter(), total]
 
     original, grpo.Phases = grpo.Phases, Counted
+    optimizer.step = cut_then_step
     try:
         tracker.close()  # the step starts from what is alive now
         with tracker, kv_cache_counted(tracker):
-            stats = grpo.grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens, ref=ref)
+            stats = grpo.grpo_step(cfg, policy, processor, batch, prompts, optimizer, tokens,
+                                   ref=ref)
     finally:
         grpo.Phases = original
     if stats["length"] != cfg.max_new_tokens:
-        raise RuntimeError(f"fit.py: completions are {stats['length']} tokens, expected {cfg.max_new_tokens}")
-    figures["prompt_tokens"], figures["image_tokens"] = stats["prompt_tokens"], stats["image_tokens"]
-    del model, ref, policy, optimizer, tracker
-    gc.collect()
+        raise RuntimeError(f"fit.py: {stats['length']}-token completions, not {cfg.max_new_tokens}")
+    figures.update(prompt_tokens=stats["prompt_tokens"], image_tokens=stats["image_tokens"])
+    figures["allocated_only"] = {str(k): v for k, v in tracker.allocated_only.items() if v}
     return figures
+
+
+_TOKENS: dict = {}
+
+
+def resolved_tokens(cfg: grpo.Config, model, processor) -> grpo.Tokens:
+    """grpo.Tokens.resolve, once per processor and vocabulary size (it reads the whole vocabulary,
+    a second per call: most of a tiny model's measurement)."""
+    vocab = model.get_output_embeddings().out_features
+    key = (id(processor), vocab, cfg.thinking, cfg.entropy_coef)
+    if key not in _TOKENS:
+        _TOKENS[key] = grpo.Tokens.resolve(cfg, model, processor)
+    return _TOKENS[key]
 
 
 def steady_state(optimizer, params) -> None:
@@ -367,24 +451,39 @@ def linear(x0: float, y0: float, x1: float, y1: float, x: float) -> float:
     return y0 if x1 == x0 else y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
 
-def extrapolate(points: dict, layers, visions, batches, target) -> dict:
-    """points[(L, V, B)] = {phase: {key: number}} at L in layers (2), V in visions (2), B in batches
-    (1 or 2); the figure at target (L, V, B): linear in L and V from (L1, V1), (L2, V1), (L1, V2),
-    then linear in B between the two batch sizes."""
+def predictor(layers, visions, batches, target):
+    """value(L, V, B) -> number, known at L in layers (2), V in visions (2), B in batches (1 or 2),
+    to its value at target (L, V, B): linear in L and V from (L1, V1), (L2, V1), (L1, V2), then
+    linear in B between the two batch sizes."""
     (L1, L2), (V1, V2), (Lt, Vt, Bt) = layers, visions, target
-    at_b = {}
-    for b in batches:
-        base, deeper, wider = points[(L1, V1, b)], points[(L2, V1, b)], points[(L1, V2, b)]
-        at_b[b] = {ph: {k: base[ph][k] + (Lt - L1) * (deeper[ph][k] - base[ph][k]) / (L2 - L1)
-                        + (Vt - V1) * (wider[ph][k] - base[ph][k]) / (V2 - V1) for k in base[ph]}
-                   for ph in PHASES}
-    b0, b1 = batches[0], batches[-1]
-    return {ph: {k: linear(b0, at_b[b0][ph][k], b1, at_b[b1][ph][k], Bt) for k in at_b[b0][ph]} for ph in PHASES}
+
+    def predict(value) -> float:
+        at_b = {b: value(L1, V1, b) + (Lt - L1) * (value(L2, V1, b) - value(L1, V1, b)) / (L2 - L1)
+                + (Vt - V1) * (value(L1, V2, b) - value(L1, V1, b)) / (V2 - V1) for b in batches}
+        return linear(batches[0], at_b[batches[0]], batches[-1], at_b[batches[-1]], Bt)
+    return predict
+
+
+def extrapolate(points: dict, layers, visions, batches, target) -> dict:
+    """points[(L, V, B)] = {phase: {"segments": {name: {"peak": ..., kind: ...}}, "flops": ...}};
+    per phase at target: each segment's figures extrapolated (predictor), the phase's peak the
+    largest segment's (with its bytes per kind), and the FLOPs and CPU seconds."""
+    predict = predictor(layers, visions, batches, target)
+    first = points[(layers[0], visions[0], batches[0])]
+    out = {}
+    for ph in PHASES:
+        segments = {name: {k: predict(lambda L, V, B: points[(L, V, B)][ph]["segments"][name][k])
+                           for k in figures}
+                    for name, figures in first[ph]["segments"].items()}
+        top = max(segments.values(), key=lambda f: f["peak"])
+        totals = {k: predict(lambda L, V, B: points[(L, V, B)][ph][k]) for k in ("flops", "cpu_s")}
+        out[ph] = {**top, "segments": segments, **totals}
+    return out
 
 
 def check_batch_points(cfg: grpo.Config, batches) -> None:
-    """Linear in B holds only where the LM head's chunking is the same: above LOGIT_CHUNK positions a
-    forward's logits are recomputed chunk by chunk, below they are one block of that size."""
+    """Linear in B holds only where the LM head's chunking is the same: above LOGIT_CHUNK
+    positions a forward's logits are recomputed chunk by chunk, below they are one block."""
     K, T = cfg.num_generations, cfg.max_new_tokens
 
     def positions(b):
@@ -393,10 +492,11 @@ def check_batch_points(cfg: grpo.Config, batches) -> None:
     for b in batches:
         got = positions(b)
         if (got > LOGIT_CHUNK) != (want > LOGIT_CHUNK) or (want <= LOGIT_CHUNK and got != want):
-            raise SystemExit(f"fit.py: --batch-points {b}: its training forward scores {got} positions, B "
-                             f"{cfg.batch_size}'s {want}; on different sides of the LM head's chunk "
+            side = f"above {LOGIT_CHUNK}" if want > LOGIT_CHUNK else str(want)
+            raise SystemExit(f"fit.py: --batch-points {b}: its training forward scores {got} "
+                             f"positions, B {cfg.batch_size}'s {want}; across the LM head's chunk "
                              f"({LOGIT_CHUNK}) memory is not linear in B. Pick batch points whose "
-                             f"micro-batch x K x max-new-tokens is also {'above' if want > LOGIT_CHUNK else want}")
+                             f"micro-batch x K x max-new-tokens is {side} too")
         if cfg.micro_batch and b < cfg.micro_batch:
             raise SystemExit(f"fit.py: --batch-points {b} is below --micro-batch {cfg.micro_batch}")
 
@@ -406,8 +506,11 @@ def check_batch_points(cfg: grpo.Config, batches) -> None:
 def fsdp_per_rank(pred: dict, ranks: int, config, dtype_bytes: int = 2) -> dict:
     """Arithmetic, not measured: --full under FSDP2 on `ranks` GPUs from the unsharded measurement.
     Weights, gradients and AdamW states divide by the ranks; each rank holds besides bf16 copies of
-    the units in use: all of them while sampling (distributed.gathered), else the largest layer
-    twice (one computing, one prefetched) and the root's (embeddings, LM head)."""
+    the units in use: all of them while sampling (distributed.gathered; counted as a quarter of
+    the measured weights, which also hold the bf16 reference: an over-statement), else the root's
+    (embeddings, LM head; the one or two layers in flight are left out). The unsharded
+    run's activations include autocast's bf16 copies of the weights (cached for a forward), which
+    FSDP2 does not make: per rank this over-states them by up to the model's bf16 size."""
     text = config.text_config
     root = text.vocab_size * text.hidden_size * (1 if text.tie_word_embeddings else 2) * dtype_bytes
     out = {}
@@ -421,7 +524,8 @@ def fsdp_per_rank(pred: dict, ranks: int, config, dtype_bytes: int = 2) -> dict:
 
 
 def table(pred: dict, gpu_gib: float, seconds: dict) -> str:
-    rows = [f"{'phase':<10} " + " ".join(f"{k:>11}" for k in KINDS) + f" {'peak GiB':>9} {'est. s':>7}"]
+    head = " ".join(f"{k:>11}" for k in KINDS)
+    rows = [f"{'phase':<10} {head} {'peak GiB':>9} {'est. s':>7}"]
     for ph in PHASES:
         f = pred[ph]
         rows.append(f"{ph:<10} " + " ".join(f"{f[k] / GIB:>11.2f}" for k in KINDS)
@@ -441,16 +545,18 @@ def advice(pred: dict, gpu_gib: float, cfg: grpo.Config) -> list[str]:
         if f["peak"] / GIB <= gpu_gib:
             continue
         largest = max(KINDS, key=lambda k: f[k])
-        hint = {"kv_cache": "the KV cache holds B x K rows of prompt + max-new-tokens: lower -B, -K, "
-                            "--max-new-tokens or --max-pixels (shorter prompts)",
-                "activations": f"lower --micro-batch (now {cfg.micro_batch or cfg.batch_size} images per "
-                               "forward), --max-pixels or -K; turn on --gradient-checkpointing" if ph != "sampling"
+        micro = cfg.micro_batch or cfg.batch_size
+        training = (f"lower --micro-batch (now {micro} images per forward), --max-pixels or -K; "
+                    "--gradient-checkpointing on")
+        hint = {"kv_cache": "the KV cache holds B x K rows of prompt + max-new-tokens: lower -B, "
+                            "-K, --max-new-tokens or --max-pixels (shorter prompts)",
+                "activations": training if ph != "sampling"
                                else "lower -B or -K (decoding rows) or --max-pixels",
                 "weights": "a smaller model, or LoRA instead of --full",
                 "gradients": "LoRA instead of --full, or --fsdp over more GPUs",
                 "optimizer": "LoRA instead of --full, or --fsdp over more GPUs"}[largest]
         out.append(f"{ph}: {f['peak'] / GIB:.2f} GiB > {gpu_gib:g}; largest part {largest} "
-                   f"{f[largest] / GIB:.2f} GiB: {hint}; rerun fit.py with the change to measure it")
+                   f"{f[largest] / GIB:.2f} GiB: {hint}; rerun fit.py with it to measure")
     return out
 
 
@@ -458,20 +564,25 @@ def advice(pred: dict, gpu_gib: float, cfg: grpo.Config) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = grpo.build_parser()
-    ap.description = "Peak memory per phase of one GRPO step, measured at real width, reduced depth."
+    ap.description = "Peak memory per phase of one GRPO step: real width, reduced depth, CPU."
     g = ap.add_argument_group("fit")
-    g.add_argument("--gpu-memory", type=float, default=80.0, help="the GPU's memory in GiB (default 80)")
-    g.add_argument("--images", default="gpu_check", help="gpu_check (B-1 of 512x384, one 4000x3000) or WxH")
-    g.add_argument("--text-layers", type=int, nargs=2, default=(1, 2), metavar="L", help="depths measured")
+    g.add_argument("--gpu-memory", type=float, default=80.0, help="the GPU's memory, GiB (80)")
+    g.add_argument("--images", default="gpu_check",
+                   help="gpu_check (B-1 of 512x384, one 4000x3000) or WxH (all of one size)")
+    g.add_argument("--text-layers", type=int, nargs=2, default=(1, 2), metavar="L",
+                   help="the two language-model depths measured (1 2)")
     g.add_argument("--vision-depths", type=int, nargs=2, default=None, metavar="V",
-                   help="vision depths measured (default: the least that keeps every block type, and one more)")
+                   help="vision depths measured (the least keeping every block type, and one more)")
     g.add_argument("--batch-points", type=int, nargs=2, default=None, metavar="B",
-                   help="measure at these two batch sizes and extrapolate to -B (default: -B itself)")
-    g.add_argument("--exact", action="store_true", help="compute the matrix products (slow; same bytes)")
-    g.add_argument("--fsdp-ranks", type=int, default=0, help="with --full: also the per-rank arithmetic on N GPUs")
-    g.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200: 989)")
-    g.add_argument("--mfu", type=float, default=0.4, help="the fraction of that peak the time estimate assumes")
-    g.add_argument("--json-out", default=None, help="write every measured point and the prediction here")
+                   help="measure at these two batch sizes, extrapolate to -B (default: -B itself)")
+    g.add_argument("--exact", action="store_true", help="compute every op (slow; the same bytes)")
+    g.add_argument("--fsdp-ranks", type=int, default=0,
+                   help="with --full: also the per-rank arithmetic on N GPUs")
+    g.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense bf16 peak, TFLOP/s (H100/H200: 989)")
+    g.add_argument("--mfu", type=float, default=0.4,
+                   help="the fraction of that peak the time estimate assumes (0.4)")
+    g.add_argument("--json-out", default=None, help="write the measured points and prediction here")
     return ap
 
 
@@ -479,12 +590,12 @@ def config_from(args) -> grpo.Config:
     names = [f.name for f in dataclasses.fields(grpo.Config)]
     cfg = grpo.Config(**{k: getattr(args, k) for k in names})
     if cfg.fsdp:
-        raise SystemExit("fit.py: --fsdp runs under torchrun; give --full --fsdp-ranks N for the per-rank figures")
+        raise SystemExit("fit.py: --fsdp runs under torchrun; --full --fsdp-ranks N gives per rank")
     if args.fsdp_ranks and not cfg.full:
         raise SystemExit("fit.py: --fsdp-ranks is the --full per-rank arithmetic; add --full")
     # the GPU's dtype (grpo's auto is fp32 on a CPU); every completion the full length
-    return dataclasses.replace(cfg, dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype, device="cpu",
-                               force_length=True)
+    dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype
+    return dataclasses.replace(cfg, dtype=dtype, device="cpu", force_length=True)
 
 
 def run(args) -> dict:
@@ -505,19 +616,43 @@ def run(args) -> dict:
             t = time.perf_counter()
             points[(L, V, b)] = measure(cfg, config, processor, L, V, b, args.images, args.exact)
             peaks = {ph: round(points[(L, V, b)][ph]["peak"] / GIB, 3) for ph in PHASES}
-            print(json.dumps({"measured": {"text_layers": L, "vision_depth": V, "B": b}, "peak_gib": peaks,
-                              "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+            print(json.dumps({"measured": {"text_layers": L, "vision_depth": V, "B": b},
+                              "peak_gib": peaks, "seconds": round(time.perf_counter() - t, 1)}),
+                  flush=True)
     pred = extrapolate(points, layers, visions, batches, (Lt, Vt, cfg.batch_size))
     seconds = {ph: pred[ph]["flops"] / (args.mfu * args.peak_tflops * 1e12) for ph in PHASES}
     point = next(iter(points.values()))
-    return {"model": args.model, "target": {"text_layers": Lt, "vision_depth": Vt, "B": cfg.batch_size},
-            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out")},
-            "images": args.images, "prompt_tokens": point["prompt_tokens"], "image_tokens": point["image_tokens"],
-            "measured": [{"text_layers": L, "vision_depth": V, "B": b, "phases": {ph: f[ph] for ph in PHASES}}
+    config_out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out")}
+    target = {"text_layers": Lt, "vision_depth": Vt, "B": cfg.batch_size}
+    return {"model": args.model, "target": target,
+            "config": config_out, "images": args.images, "prompt_tokens": point["prompt_tokens"],
+            "image_tokens": point["image_tokens"],
+            "measured": [{"text_layers": L, "vision_depth": V, "B": b,
+                          "phases": {ph: f[ph] for ph in PHASES},
+                          "allocated_only": f["allocated_only"]}
                          for (L, V, b), f in points.items()],
-            "predicted": pred, "seconds_estimate": seconds, "mfu": args.mfu, "peak_tflops": args.peak_tflops,
+            "predicted": pred, "seconds_estimate": seconds, "mfu": args.mfu,
+            "peak_tflops": args.peak_tflops,
             "wall_s": round(time.perf_counter() - t0, 1),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def describe(args, cfg: grpo.Config, result: dict) -> str:
+    """The run's settings and what was measured, in two lines above the table."""
+    t, micro = result["target"], cfg.micro_batch or cfg.batch_size
+    method = "--full" if cfg.full else f"LoRA r{cfg.lora_rank}"
+    checkpointing = "on" if cfg.gradient_checkpointing else "off"
+    measured = sorted({(m["text_layers"], m["vision_depth"], m["B"]) for m in result["measured"]})
+    return (f"{args.model}: {t['text_layers']} layers, {t['vision_depth']} vision blocks, "
+            f"B {cfg.batch_size}, K {cfg.num_generations}, {cfg.max_new_tokens} new tokens, "
+            f"micro-batch {micro}, {method}, gradient checkpointing {checkpointing}, {cfg.dtype}; "
+            f"prompt {result['prompt_tokens']} tokens ({result['image_tokens']} image tokens, all "
+            f"images), images {args.images}\n"
+            f"measured at (layers, vision blocks, B) = {measured}; extrapolated linearly to "
+            f"({t['text_layers']}, {t['vision_depth']}, {t['B']}). GiB of live tensors at each "
+            "phase's peak (what torch.cuda.max_memory_allocated counts); est. s = FLOPs / "
+            f"({args.mfu:g} x {args.peak_tflops:g} TFLOP/s), an estimate (decoding is memory-"
+            "bound: sampling takes longer)")
 
 
 def main(argv=None) -> int:
@@ -525,25 +660,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads or 2)
     result = run(args)
     cfg, config = config_from(args), base_config(args.model)
-    t = result["target"]
-    print(f"\n{args.model}: {t['text_layers']} layers, {t['vision_depth']} vision blocks, B {cfg.batch_size}, "
-          f"K {cfg.num_generations}, {cfg.max_new_tokens} new tokens, micro-batch {cfg.micro_batch or cfg.batch_size}, "
-          f"{'--full' if cfg.full else f'LoRA r{cfg.lora_rank}'}, gradient checkpointing "
-          f"{'on' if cfg.gradient_checkpointing else 'off'}, {cfg.dtype}; prompt {result['prompt_tokens']} tokens "
-          f"({result['image_tokens']} image tokens, all images), images {args.images}")
-    measured = sorted({(m["text_layers"], m["vision_depth"], m["B"]) for m in result["measured"]})
-    print(f"measured at (layers, vision blocks, B) = {measured}; extrapolated linearly to "
-          f"({t['text_layers']}, {t['vision_depth']}, {t['B']}). GiB of live tensors at each phase's peak "
-          f"(torch.cuda.max_memory_allocated's count); est. s = FLOPs / ({args.mfu:g} x {args.peak_tflops:g} "
-          "TFLOP/s), an estimate (decoding is memory-bound: sampling takes longer)")
+    print("\n" + describe(args, cfg, result))
     print(table(result["predicted"], args.gpu_memory, result["seconds_estimate"]))
+    judged = result["predicted"]
     if args.fsdp_ranks:
-        per_rank = fsdp_per_rank(result["predicted"], args.fsdp_ranks, config)
-        result["fsdp_per_rank"] = {"ranks": args.fsdp_ranks, "phases": per_rank}
-        print(f"\n--fsdp on {args.fsdp_ranks} GPUs, per rank (arithmetic on the figures above, not measured):")
-        print(table(per_rank, args.gpu_memory, result["seconds_estimate"]))
-    for line in advice(result["predicted"] if not args.fsdp_ranks else result["fsdp_per_rank"]["phases"],
-                       args.gpu_memory, cfg):
+        judged = fsdp_per_rank(result["predicted"], args.fsdp_ranks, config)
+        result["fsdp_per_rank"] = {"ranks": args.fsdp_ranks, "phases": judged}
+        print(f"\n--fsdp on {args.fsdp_ranks} GPUs, per rank (arithmetic on the figures above, "
+              "not measured):")
+        print(table(judged, args.gpu_memory, result["seconds_estimate"]))
+    for line in advice(judged, args.gpu_memory, cfg):
         print("advice:", line)
     print(f"wall {result['wall_s']} s, peak RSS {result['peak_rss_gib']:.1f} GiB")
     if args.json_out:

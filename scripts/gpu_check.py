@@ -6,7 +6,7 @@ checkpointing, --merge), then evaluate.main on the merged checkpoint. Prints one
     python scripts/gpu_check.py --config qwen3-vl-4b -B 4 -K 6 --max-pixels 262144 --micro-batch 2   # the 24 GB recipe
     python scripts/gpu_check.py --model /ckpt/Qwen2.5-VL-7B-Instruct  # real weights from a local folder
     python scripts/gpu_check.py --config tiny-qwen2.5-vl     # the same code on the CPU (the test suite runs it)
-    python scripts/gpu_check.py --predicted docs/fit/qwen2.5-vl-7b-b8.json   # fit.py's prediction beside the measurement
+    python scripts/gpu_check.py --predicted docs/fit/qwen2.5-vl-7b-b8.json   # beside fit.py's
 
 The model: with --model, a local checkpoint; otherwise the architecture of --config built from its
 published config.json values (written out below) with random weights in bf16 (normal 0.02, norms 1)
@@ -45,8 +45,8 @@ import evaluate  # noqa: E402
 import grpo  # noqa: E402
 import tiny  # noqa: E402
 
-# The architectures (published config.json values, and where they come from): scripts/architectures.py,
-# the one place that both this script and scripts/fit.py read.
+# The architectures (published config.json values, and where they come from):
+# scripts/architectures.py, the one place that this script and scripts/fit.py both read.
 CONFIGS = architectures.NAMES
 
 
@@ -62,6 +62,7 @@ def build(name: str, device: torch.device, out: str) -> None:
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     model = model.to(torch.bfloat16).to_empty(device=device)
+    model.tie_weights()  # to_empty gives a tied LM head its own tensor (Qwen3-VL-2B / 4B tie theirs)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -70,8 +71,9 @@ def build(name: str, device: torch.device, out: str) -> None:
             else:
                 p.fill_(0.0 if pname.endswith("bias") else 1.0)
     gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = (architectures.SPECIAL[k] for k in
-                                                         ("bos_token_id", "eos_token_id", "pad_token_id"))
+    ids = architectures.SPECIAL
+    gc.bos_token_id, gc.eos_token_id = ids["bos_token_id"], ids["eos_token_id"]
+    gc.pad_token_id = ids["pad_token_id"]
     model.save_pretrained(out)  # rope buffers are not saved: from_pretrained rebuilds them
     processor.save_pretrained(out)
 
@@ -114,19 +116,26 @@ MATCHED = {"batch_size": "-B", "num_generations": "-K", "max_new_tokens": "--max
 
 def load_prediction(path: str, args) -> dict:
     """fit.py --json-out's file, checked to describe this run (architecture, batch, tokens, pixels,
-    micro-batch, images, LoRA rank 64 with gradient checkpointing in bf16); an error names what differs."""
+    micro-batch, images; LoRA rank 64, gradient checkpointing, bf16); an error names each
+    difference."""
     with open(path) as f:
         pred = json.load(f)
-    cfg, want = pred["config"], {"batch_size": args.batch_size, "num_generations": args.num_generations,
-                                 "max_new_tokens": args.max_new_tokens, "max_pixels": args.max_pixels,
-                                 "micro_batch": args.micro_batch}
-    bad = [f"{MATCHED[k]} {want[k]} (the prediction's {cfg[k]})" for k in MATCHED if cfg[k] != want[k]]
-    bad += [f"--config {args.config} (the prediction's {pred['model']})"] * (pred["model"] != (args.model or args.config))
-    bad += [f"images {pred['images']} (this script trains on gpu_check's)"] * (pred["images"] != "gpu_check")
-    bad += ["the prediction is not LoRA rank 64 with gradient checkpointing in bf16"] * (
-        cfg["full"] or cfg["lora_rank"] != 64 or not cfg["gradient_checkpointing"] or cfg["dtype"] != "bfloat16")
+    cfg = pred["config"]
+    want = {"batch_size": args.batch_size, "num_generations": args.num_generations,
+            "max_new_tokens": args.max_new_tokens, "max_pixels": args.max_pixels,
+            "micro_batch": args.micro_batch}
+    bad = [f"{MATCHED[k]} {want[k]} (the prediction's {cfg[k]})"
+           for k in MATCHED if cfg[k] != want[k]]
+    if pred["model"] != (args.model or args.config):
+        bad.append(f"--config {args.model or args.config} (the prediction's {pred['model']})")
+    if pred["images"] != "gpu_check":
+        bad.append(f"images {pred['images']} (this script trains on gpu_check's)")
+    recipe = (not cfg["full"], cfg["lora_rank"], cfg["gradient_checkpointing"], cfg["dtype"])
+    if recipe != (True, 64, True, "bfloat16"):
+        bad.append("the prediction is not LoRA rank 64 with gradient checkpointing in bf16")
     if bad:
-        raise SystemExit(f"gpu_check.py: --predicted {path} is for another configuration: " + "; ".join(bad))
+        raise SystemExit(f"gpu_check.py: --predicted {path} is for another configuration: "
+                         + "; ".join(bad))
     return pred
 
 
@@ -136,8 +145,10 @@ def predicted_vs_measured(pred: dict, phases: dict) -> dict:
     for name, f in pred["predicted"].items():
         measured = phases.get(name, {}).get("peak_gib")
         predicted = f["peak"] / 2**30
-        out[name] = {"predicted_gib": round(predicted, 2), "measured_gib": None if measured is None else round(measured, 2),
-                     "measured_over_predicted": None if measured is None else round(measured / predicted, 3)}
+        ratio = None if measured is None else round(measured / predicted, 3)
+        out[name] = {"predicted_gib": round(predicted, 2),
+                     "measured_gib": None if measured is None else round(measured, 2),
+                     "measured_over_predicted": ratio}
     return out
 
 
@@ -152,8 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=0, help="images per training forward (0: all B)")
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps (the first includes warm-up costs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for the MFU estimate (H100/H200: 989)")
-    ap.add_argument("--predicted", default=None, help="fit.py --json-out's file for this configuration: "
-                    "prints its per-phase peaks beside the measured ones (every completion then runs the whole budget)")
+    ap.add_argument("--predicted", default=None,
+                    help="fit.py --json-out's file for this configuration: its per-phase peaks "
+                         "beside the measured ones (every completion then runs the whole budget)")
     ap.add_argument("--work", default=None, help="folder for the model, data and runs (default: a temporary one)")
     args = ap.parse_args(argv)
     pred = load_prediction(args.predicted, args) if args.predicted else None
@@ -173,7 +185,7 @@ def main(argv=None) -> int:
                       "--steps", str(args.steps), "-B", str(B), "-K", str(K), "--max-new-tokens", str(T),
                       "--max-pixels", str(args.max_pixels), "--micro-batch", str(args.micro_batch), "--gradient-checkpointing", "--dtype", "bfloat16" if cuda else "float32",
                       "--save-every", "1", "--keep", "1", "--merge", merged,
-                      *(["--force-length"] if pred else [])])  # fit.py's shapes: every completion the whole budget
+                      *(["--force-length"] if pred else [])])  # fit.py's shapes: full length
     if code:
         raise SystemExit(f"gpu_check.py: grpo.main exited {code}")
     steps = [json.loads(ln) for ln in open(os.path.join(run, "log.jsonl"))]
