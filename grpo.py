@@ -779,7 +779,7 @@ def held_out_eval(cfg: Config, processor, heldout):
 
 EXPLAIN_DEFAULTS = dict(model="demo", full=True, batch_size=2, num_generations=4, max_new_tokens=20,
                         lr=1e-4, gamma=0.05, seed=0)
-EXPLAIN_FORMAT_STEPS = 200  # answer-layout steps: after 300, 49 of 64 sampled answers were strict
+EXPLAIN_FORMAT_STEPS = 300  # answer-layout steps: then 49 of 64 sampled answers were strict
 EXPLAIN_QUIET_STEPS = 2  # GRPO steps before the explained one: the policy has moved from the reference
 
 
@@ -927,7 +927,7 @@ def print_step(cfg: Config, processor, batch, prompts, trace, figures, log=print
     logp, per_token = logp.detach(), per_token.detach()
     rho = torch.exp(logp - old)
     kl = trace["k3_kl"][0][1].detach() if trace["k3_kl"] else torch.zeros_like(logp)
-    ref_lp = trace["k3_kl"][0][0][1] if trace["k3_kl"] else None
+    ref_lp = trace["k3_kl"][0][0][1].detach() if trace["k3_kl"] else None
     log("[3.4, 3.5] per token: logp, reference logp, ratio rho = exp(logp - logp_old) (1 on the "
         "first update: logp_old is logp itself), the clipped surrogate -min(rho A, clip(rho) A) "
         "and k3 = exp(ref - logp) - (ref - logp) - 1, for the first tokens of row 0:")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import grpo
+import mgiqa
 import reward
 
 
@@ -55,7 +56,10 @@ def test_explain_with_attribute_credit_puts_each_attributes_advantage_on_its_tok
     (args, adv), = shown["trace"]["token_advantages"]
     attr = args[1]
     assert (attr >= 0).any()
-    assert "[over]" in text and "[shar]" in text
+    K = cfg.num_generations
+    for row in (0, K):  # the rows the walk-through prints: each score token's attribute is marked
+        for a in attr[row][attr[row] >= 0].unique().tolist():
+            assert f"[{mgiqa.ATTRIBUTES[a][:4]}]" in text
     per_attribute = shown["trace"]["mg_reward"][0][1]["per_attribute"]  # (B, K, A)
     B, K, A = per_attribute.shape
     expected = reward.group_advantages(per_attribute.transpose(1, 2)).transpose(1, 2)
