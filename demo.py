@@ -72,8 +72,9 @@ import rollouts
 import synth
 from mgiqa import ATTRIBUTES
 
-FAMILIES = (None, "blur", "noise", "color", "composition")
-WORDS = ("clean", "blurry", "noisy", "dull", "offcentre")  # the reasoning word of each family
+WORD_OF = {None: "clean", "blur": "blurry", "noise": "noisy", "color": "dull", "composition": "offcentre"}  # reasoning
+FAMILIES = (None, *mgiqa.FAMILY_TO_ATTRIBUTE)  # the probe's classes in this order: clean, then mgiqa's families
+WORDS = tuple(WORD_OF[family] for family in FAMILIES)
 
 EXTRA = ("all_images", "overall_as_attribute", "family_accuracy")  # kept in summary.json beside the five SRCCs
 DEFAULT_OUT = "runs/demo"
