@@ -473,9 +473,10 @@ def overall_difference(final_rows: list, ablation_rows: list, seed: int, n: int 
     return result[name] | {"a": "final (attribute and overall rewards)", "b": "ablation (overall-only reward)"}
 
 
-def agrees_with_paper(difference: float) -> bool:
-    """The paper's direction: overall SRCC drops without the attribute rewards (.798 -> .779)."""
-    return difference > 0
+def agrees_with_paper(difference: float) -> bool | None:
+    """The paper's direction: overall SRCC drops without the attribute rewards (.798 -> .779);
+    None when there is no difference to judge (a constant overall answer in either run)."""
+    return None if math.isnan(difference) else difference > 0
 
 
 def scores(result: dict) -> dict:
@@ -618,7 +619,7 @@ def comparison_html(summary: dict) -> str:
         return (head + f"<p>Held-out overall SRCC with them: <b>{report.num(summary['final']['overall'])}</b>. Run "
                 "<code>python demo.py --ablation</code> (the same GRPO from the same warm-up, overall-only reward) "
                 "to compare.</p>")
-    verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
+    verdict = {True: "agrees with", False: "does not agree with"}.get(d["agrees_with_paper"], "cannot be held against")
     return (head + "<div class=scroll><table><tr><th></th><th>overall SRCC with attribute rewards</th>"
             "<th>without (overall-only reward)</th><th>difference [95% bootstrap interval]</th></tr>"
             f"<tr><td>this run, seed {summary['config']['seed']}, {d['n']} held-out images</td><td>{report.num(d['srcc_a'])}</td>"
@@ -785,7 +786,7 @@ def print_table(summary: dict, log=print) -> None:
             + f" {summary['ablation']['overall']:12.3f}")
     d = summary.get("ablation_overall_difference")
     if d:
-        verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
+        verdict = {True: "agrees with", False: "does not agree with"}.get(d["agrees_with_paper"], "cannot be held against")
         log(f"overall SRCC with - without the attribute rewards: {d['diff']:+.3f} (95% bootstrap interval "
             f"{d['low']:+.3f} to {d['high']:+.3f}, {d['n']} held-out images); {verdict} the paper's direction "
             "(.798 -> .779 without)")

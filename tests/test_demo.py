@@ -274,3 +274,7 @@ def test_mean_is_the_five_with_a_constant_answer_as_zero():
 def test_families_and_words_follow_mgiqa_by_name():
     assert demo.FAMILIES == (None, "blur", "noise", "color", "composition")  # the probe's class order, unchanged
     assert set(demo.FAMILIES[1:]) == set(mgiqa.FAMILY_TO_ATTRIBUTE) and demo.WORDS[demo.FAMILIES.index("color")] == "dull"
+
+
+def test_no_verdict_without_a_difference():
+    assert demo.agrees_with_paper(math.nan) is None and demo.agrees_with_paper(0.0) is False
