@@ -72,8 +72,10 @@ import rollouts
 import synth
 from mgiqa import ATTRIBUTES
 
-FAMILIES = (None, "blur", "noise", "color", "composition")
-WORDS = ("clean", "blurry", "noisy", "dull", "offcentre")  # the reasoning word of each family
+# the reasoning word of each family (None: clean)
+WORD_OF = {None: "clean", "blur": "blurry", "noise": "noisy", "color": "dull", "composition": "offcentre"}
+FAMILIES = (None, *mgiqa.FAMILY_TO_ATTRIBUTE)  # the probe's classes in this order
+WORDS = tuple(WORD_OF[family] for family in FAMILIES)
 
 EXTRA = ("all_images", "overall_as_attribute", "family_accuracy")  # kept in summary.json beside the five SRCCs
 DEFAULT_OUT = "runs/demo"
@@ -82,7 +84,7 @@ DEFAULT_OUT = "runs/demo"
 @dataclass
 class DemoConfig:
     seed: int = 0
-    source: str = "procedural"      # procedural: synth.synthesize's scenes; photos: crops of assets/photos
+    source: str = "procedural"      # synth.synthesize's scenes; photos: crops of assets/photos
     augment: bool = False           # training images rotated / mirrored at random (labels do not change)
     heldout_photos: str = ",".join(synth.HELDOUT_PHOTOS)  # photos source: never in training, all held-out crops
     procedural: int = 0             # photos source: procedural scenes added to training (more content to learn the families on)
@@ -167,7 +169,8 @@ class Demo:
             from PIL import Image
             side = (int(self.grid[2]) * 14, int(self.grid[1]) * 14)
             self._template = rollouts.encode_prompts(model, processor, [Image.new("RGB", side)], mgiqa.prompt_text(processor))
-        return self.image_prompts(self.pixels[idx], None if self.features is None else tuple(self.features[idx]))
+        features = None if self.features is None else tuple(self.features[idx])
+        return self.image_prompts(self.pixels[idx], features)
 
     def image_prompts(self, pixels, features) -> rollouts.Prompts:
         """Prompts for patch rows pixels (n, patches, C) of the demo's image size and the tower's
@@ -374,15 +377,16 @@ def family_aux_loss(processor, demo, cfg):
 def heldout_answers(model, processor, demo: Demo, cfg: DemoConfig) -> list[str]:
     """Greedy answers on the held-out images, in demo.heldout order."""
     idx = demo.indices(demo.heldout)
-    return [t for s in range(0, len(idx), 120) for t in greedy(model, processor, demo.prompts(model, processor, idx[s:s + 120]), cfg)]
+    return [t for s in range(0, len(idx), 120)
+            for t in greedy(model, processor, demo.prompts(model, processor, idx[s:s + 120]), cfg)]
 
 
 def greedy(model, processor, p: rollouts.Prompts, cfg: DemoConfig) -> list[str]:
     """The model's greedy answers to prompts p, in eval mode."""
     model.eval()
     tokens = grpo.Tokens.resolve(grpo.Config(), model, processor)
-    ids = rollouts.sample_shared(model, p, K=1, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos, pad_id=tokens.pad,
-                                 banned=tokens.banned, temperature=0.0)
+    ids = rollouts.sample_shared(model, p, K=1, max_new_tokens=cfg.max_new_tokens, eos_ids=tokens.eos,
+                                 pad_id=tokens.pad, banned=tokens.banned, temperature=0.0)
     return mgiqa.decode_completions(processor, ids, tokens.eos)
 
 
@@ -394,10 +398,11 @@ def image_answers(model, processor, demo: Demo, cfg: DemoConfig, images: np.ndar
     with torch.no_grad():
         features = tower_tokens(model, pixels, demo.grid)
     return [t for s in range(0, len(pixels), 120)
-            for t in greedy(model, processor, demo.image_prompts(pixels[s:s + 120], features[s:s + 120]), cfg)]
+            for t in greedy(model, processor, demo.image_prompts(pixels[s:s + 120], features[s:s + 120]),
+                            cfg)]
 
 
-LADDER_CROPS = 6  # crops of each photo whose ladders are scored: 6 x 4 families x 6 levels per photo
+LADDER_CROPS = 6  # crops of each photo whose ladders are scored (x 4 families x 6 levels)
 
 
 def ladder_figures(model, processor, demo: Demo, cfg: DemoConfig, photos) -> dict:
@@ -407,15 +412,18 @@ def ladder_figures(model, processor, demo: Demo, cfg: DemoConfig, photos) -> dic
     answer on a ladder counts 0, as in the mean."""
     ladders = [(family, images) for photo in photos for k in range(LADDER_CROPS)
                for family, images in synth.photo_ladder(photo, cfg.image_size, 100 * cfg.seed + k).items()]
-    texts = image_answers(model, processor, demo, cfg, np.concatenate([images for _, images in ladders]))
-    pred = np.array([[mgiqa.parse_answer(t)[a] for a in ATTRIBUTES] for t in texts]).reshape(len(ladders), 6, -1)
+    stacked = np.concatenate([images for _, images in ladders])
+    texts = image_answers(model, processor, demo, cfg, stacked)
+    pred = np.array([[mgiqa.parse_answer(t)[a] for a in ATTRIBUTES] for t in texts])
+    pred = pred.reshape(len(ladders), 6, len(ATTRIBUTES))
     truth = -np.arange(6.0)  # level 0 (clean) is the best
     per = {a: [] for a in ATTRIBUTES}
     for (family, _), p in zip(ladders, pred, strict=True):
         for a in (mgiqa.FAMILY_TO_ATTRIBUTE[family], "overall"):
             r = evaluate.srcc(p[:, ATTRIBUTES.index(a)], truth)
             per[a].append(0.0 if math.isnan(r) else float(r))
-    return {a: float(np.mean(v)) for a, v in per.items() if v} | {"ladders": len(ladders), "photos": list(photos)}
+    figures = {a: float(np.mean(v)) for a, v in per.items() if v}
+    return figures | {"ladders": len(ladders), "photos": list(photos)}
 
 
 def ladder_panel(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
@@ -423,8 +431,9 @@ def ladder_panel(model, processor, demo: Demo, cfg: DemoConfig) -> dict:
     family) with the model's scores: what report.html shows as transfer to unseen content."""
     images = ladder_images(demo, cfg)
     texts = image_answers(model, processor, demo, cfg, np.stack(list(images.values())))
-    return {"photo": ladder_photo(demo), "scores": {name: {a: mgiqa.parse_answer(t)[a] for a in ATTRIBUTES} | {"answer": t}
-                                                     for name, t in zip(images, texts, strict=True)}}
+    scores = {name: {a: mgiqa.parse_answer(t)[a] for a in ATTRIBUTES} | {"answer": t}
+              for name, t in zip(images, texts, strict=True)}
+    return {"photo": ladder_photo(demo), "scores": scores}
 
 
 def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig, texts: list[str] | None = None) -> dict:
@@ -469,34 +478,40 @@ def overall_difference(final_rows: list, ablation_rows: list, seed: int, n: int 
     images (evaluate.compare; images either run left unparsed are dropped from both)."""
     result = evaluate.compare(final_rows, ablation_rows, attribute="overall", n=n, seed=seed)
     (name,) = [k for k in result if k != "average"]  # the demo's one dataset
-    return result[name] | {"a": "final (attribute and overall rewards)", "b": "ablation (overall-only reward)"}
+    return result[name] | {"a": "final (attribute and overall rewards)",
+                           "b": "ablation (overall-only reward)"}
 
 
-def agrees_with_paper(difference: float) -> bool:
-    """The paper's direction: overall SRCC drops without the attribute rewards (.798 -> .779)."""
-    return difference > 0
+def agrees_with_paper(difference: float) -> bool | None:
+    """The paper's direction: overall SRCC drops without the attribute rewards (.798 -> .779);
+    None when there is no difference to judge (a constant overall answer in either run)."""
+    return None if math.isnan(difference) else difference > 0
 
 
 def scores(result: dict) -> dict:
     """What summary.json keeps of a checkpoint's evaluation: the five SRCCs, their mean and EXTRA.
     The ablation's entry has no mean: its attributes were not rewarded."""
-    return {a: result[a] for a in ATTRIBUTES} | {"mean": mean_srcc(result)} | {k: result[k] for k in EXTRA}
+    kept = {a: result[a] for a in ATTRIBUTES} | {"mean": mean_srcc(result)}
+    return kept | {k: result[k] for k in EXTRA}
 
 
 def overall_only(weights) -> tuple:
     """The ablation's reward weights: the overall score's weight as given, every attribute's 0."""
-    return tuple(w if a == "overall" else 0.0 for a, w in dict(zip(ATTRIBUTES, weights, strict=True)).items())
+    named = dict(zip(ATTRIBUTES, weights, strict=True))
+    return tuple(w if a == "overall" else 0.0 for a, w in named.items())
 
 
 def grpo_settings(cfg: DemoConfig, out_dir: Path, ablation: bool) -> grpo.Config:
     """The GRPO settings of the full run, or of its ablation: the same but for the reward weights,
     which are overall-only there (the credit rule, entropy bonus and auxiliary loss stay)."""
     weights = overall_only(cfg.weights) if ablation else tuple(cfg.weights)
-    return grpo.Config(out=str(out_dir), seed=cfg.seed, steps=cfg.grpo_steps, full=True, batch_size=cfg.batch_size,
-                       warmup_steps=cfg.warmup_steps, num_generations=cfg.num_generations, lr=cfg.lr, schedule=cfg.schedule,
-                       beta=cfg.beta, gamma=cfg.gamma, ignore_ties=True, entropy_coef=cfg.entropy_coef, entropy_vocab="12345",
-                       max_new_tokens=cfg.max_new_tokens, credit="attribute", weights=list(weights),
-                       save_every=100, keep=1, eval_every=cfg.eval_every, model="demo")
+    return grpo.Config(out=str(out_dir), seed=cfg.seed, steps=cfg.grpo_steps, full=True,
+                       batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps,
+                       num_generations=cfg.num_generations, lr=cfg.lr, schedule=cfg.schedule,
+                       beta=cfg.beta, gamma=cfg.gamma, ignore_ties=True, entropy_coef=cfg.entropy_coef,
+                       entropy_vocab="12345", max_new_tokens=cfg.max_new_tokens, credit="attribute",
+                       weights=list(weights), save_every=100, keep=1, eval_every=cfg.eval_every,
+                       model="demo")
 
 
 def recorded_settings(gcfg: grpo.Config) -> dict:
@@ -582,11 +597,13 @@ def ladder_photo(demo: Demo) -> str:
 
 
 def ladder_images(demo: Demo, cfg: DemoConfig) -> dict:
-    """{file name: uint8 image}: ladder_photo's crop (seed cfg.seed), clean and at levels 1, 3, 5 of each family."""
+    """{file name: uint8 image}: ladder_photo's crop (seed cfg.seed), clean and at levels 1, 3, 5
+    of each family."""
     photo, out = ladder_photo(demo), {}
     for family, images in synth.photo_ladder(photo, cfg.image_size, cfg.seed).items():
         for level in (0, 1, 3, 5):
-            out[f"{photo}_clean.png" if level == 0 else f"{photo}_{family}{level}.png"] = images[level]
+            name = f"{photo}_clean.png" if level == 0 else f"{photo}_{family}{level}.png"
+            out[name] = images[level]
     return out
 
 
@@ -601,11 +618,20 @@ def write_ladder(folder: Path, demo: Demo, cfg: DemoConfig) -> None:
 
 def heldout_rows(texts: list[str], demo: Demo) -> list[dict]:
     """evaluate.py's result rows for the greedy answers texts on the held-out images."""
-    return [evaluate.result_row(r, {**mgiqa.parse_answer(t), "strict": mgiqa.parse_answer(t, strict=True) is not None,
-                                    "completion": t}, True) for r, t in zip(demo.heldout, texts, strict=True)]
+    def answer(t):
+        strict = mgiqa.parse_answer(t, strict=True) is not None
+        return {**mgiqa.parse_answer(t), "strict": strict, "completion": t}
+
+    return [evaluate.result_row(r, answer(t), True) for r, t in zip(demo.heldout, texts, strict=True)]
 
 
-PAPER = {"with": 0.798, "without": 0.779}  # the paper's held-out overall SRCC, MG-IQA against no multi-attribute reasoning
+# the paper's held-out overall SRCC: MG-IQA, and MG-IQA without multi-attribute reasoning
+PAPER = {"with": 0.798, "without": 0.779}
+
+
+def verdict(agrees: bool | None) -> str:
+    """agrees_with_paper's answer in words."""
+    return {True: "agrees with", False: "does not agree with"}.get(agrees, "cannot be held against")
 
 
 def comparison_html(summary: dict) -> str:
@@ -614,23 +640,24 @@ def comparison_html(summary: dict) -> str:
     d = summary.get("ablation_overall_difference")
     head = "<h2>With and without the attribute rewards (the paper's ablation)</h2>"
     if not d:
-        return (head + f"<p>Held-out overall SRCC with them: <b>{report.num(summary['final']['overall'])}</b>. Run "
-                "<code>python demo.py --ablation</code> (the same GRPO from the same warm-up, overall-only reward) "
-                "to compare.</p>")
-    verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
+        return (head + "<p>Held-out overall SRCC with them: "
+                f"<b>{report.num(summary['final']['overall'])}</b>. Run <code>python demo.py --ablation</code> "
+                "(the same GRPO from the same warm-up, overall-only reward) to compare.</p>")
+    this = (f"<tr><td>this run, seed {summary['config']['seed']}, {d['n']} held-out images</td>"
+            f"<td>{report.num(d['srcc_a'])}</td><td>{report.num(d['srcc_b'])}</td>"
+            f"<td>{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]</td></tr>")
+    paper = (f"<tr><td>the paper (held-out SRCC)</td><td>{PAPER['with']:.3f}</td>"
+             f"<td>{PAPER['without']:.3f}</td><td>{PAPER['with'] - PAPER['without']:+.3f}</td></tr>")
     return (head + "<div class=scroll><table><tr><th></th><th>overall SRCC with attribute rewards</th>"
             "<th>without (overall-only reward)</th><th>difference [95% bootstrap interval]</th></tr>"
-            f"<tr><td>this run, seed {summary['config']['seed']}, {d['n']} held-out images</td><td>{report.num(d['srcc_a'])}</td>"
-            f"<td>{report.num(d['srcc_b'])}</td><td>{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]</td></tr>"
-            f"<tr><td>the paper (held-out SRCC)</td><td>{PAPER['with']:.3f}</td><td>{PAPER['without']:.3f}</td>"
-            f"<td>{PAPER['with'] - PAPER['without']:+.3f}</td></tr></table></div>"
-            f"<p>This run {verdict} the paper's direction. Everything but the reward weights was the same in the two "
-            "runs (summary.json, \"settings\"); the ablation's attribute scores were not rewarded, so they are "
-            "not compared.</p>")
+            f"{this}{paper}</table></div><p>This run {verdict(d['agrees_with_paper'])} the paper's direction. "
+            "Everything but the reward weights was the same in the two runs (summary.json, \"settings\"); "
+            "the ablation's attribute scores were not rewarded, so they are not compared.</p>")
 
 
 def ladder_html(summary: dict, demo: Demo, cfg: DemoConfig) -> str:
-    """The panel of the ladder of a photograph the model never trained on, with the final model's scores."""
+    """The panel of the ladder of a photograph the model never trained on, with the final
+    model's scores."""
     panel = summary.get("ladder")
     if not panel:
         return ""
@@ -646,16 +673,18 @@ def ladder_html(summary: dict, demo: Demo, cfg: DemoConfig) -> str:
         for name in names:
             s = panel["scores"][name]
             src, _ = report.thumbnail(images[name])
-            cells.append(f'<td><img src="{src}" alt="{report.esc(name)}"><br>{attribute} <b>{report.num(s[attribute], 0)}</b>'
-                         f' · overall <b>{report.num(s["overall"], 0)}</b></td>')
+            cells.append(f'<td><img src="{src}" alt="{report.esc(name)}"><br>'
+                         f'{attribute} <b>{report.num(s[attribute], 0)}</b> · '
+                         f'overall <b>{report.num(s["overall"], 0)}</b></td>')
         rows.append(f"<tr><td>{family}</td>{''.join(cells)}</tr>")
-    head = "<tr><th>family</th><th>clean</th>" + "".join(f"<th>level {level}</th>" for level in levels) + "</tr>"
+    head = "<tr><th>family</th><th>clean</th>" + "".join(f"<th>level {v}</th>" for v in levels) + "</tr>"
     figures = summary.get("ladder_srcc", {})
     within = ", ".join(f"{a} {report.num(figures[a])}" for a in ATTRIBUTES if a in figures)
-    return (f"<h2>Transfer to content never seen: a photograph ({report.esc(panel['photo'])})</h2>"
-            f"<p>The final model ({seen}) scores one crop of the photo, clean and at levels 1, 3 and 5 of each "
-            "distortion family. Within such ladders (the same content at every level; "
-            f"{figures.get('ladders', 0)} ladders of {', '.join(figures.get('photos', []))}) its SRCC is: {within}.</p>"
+    where = f"{figures.get('ladders', 0)} ladders of {', '.join(figures.get('photos', []))}"
+    return (f"<h2>Transfer to content never seen: a photograph ({report.esc(photo)})</h2>"
+            f"<p>The final model ({seen}) scores one crop of the photo, clean and at levels 1, 3 and 5 "
+            "of each distortion family. Within such ladders (the same content at every level; "
+            f"{where}) its SRCC is: {within}.</p>"
             f'<div class=scroll><table class="ladder">{head}{"".join(rows)}</table></div>')
 
 
@@ -725,11 +754,13 @@ def main(args) -> int:
         curve, settings = run_grpo(model, processor, demo, cfg, out / "ablation-run", ablation=True, log=log)
         texts = heldout_answers(model, processor, demo, cfg)
         result = evaluate_heldout(model, processor, demo, cfg, texts)
-        summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {k: result[k] for k in EXTRA}  # no mean: see scores
+        # no mean (scores): the ablation's attributes had no reward
+        summary["ablation"] = {a: result[a] for a in ATTRIBUTES} | {k: result[k] for k in EXTRA}
         summary.setdefault("settings", {})["ablation"] = settings
         final_rows = [report.nan_for_null(json.loads(line)) for line in open(out / "heldout.jsonl")]
         difference = overall_difference(final_rows, heldout_rows(texts, demo), cfg.seed)
-        summary["ablation_overall_difference"] = difference | {"agrees_with_paper": agrees_with_paper(difference["diff"])}
+        agrees = agrees_with_paper(difference["diff"])
+        summary["ablation_overall_difference"] = difference | {"agrees_with_paper": agrees}
         summary["ablation_seconds"] = time.perf_counter() - t0
         summary.setdefault("curves", {})["ablation"] = curve
     else:
@@ -749,7 +780,8 @@ def main(args) -> int:
         final = evaluate_heldout(model, processor, demo, cfg, texts)
         write_ladder(out / "ladder", demo, cfg)
         summary["ladder"] = ladder_panel(model, processor, demo, cfg)
-        summary["ladder_srcc"] = ladder_figures(model, processor, demo, cfg, demo.photos["heldout"] or synth.HELDOUT_PHOTOS)
+        unseen = demo.photos["heldout"] or synth.HELDOUT_PHOTOS
+        summary["ladder_srcc"] = ladder_figures(model, processor, demo, cfg, unseen)
         summary.update({"seconds": time.perf_counter() - t0, "config": asdict(cfg), "photos": demo.photos,
                         "warmup": scores(warm), "final": scores(final),
                         "settings": {"final": settings}})
@@ -762,11 +794,12 @@ def main(args) -> int:
     what = f"held-out crops of photos never seen in training ({', '.join(demo.photos['heldout'])})" \
         if cfg.source == "photos" else "held-out synthetic scenes"
     final_texts = texts if not args.ablation else [row["completion"] for row in final_rows]
-    heldout_report(out, final_texts, demo, "final", f"MG-IQA demo, seed {cfg.seed}: {what}, final checkpoint",
+    title = f"MG-IQA demo, seed {cfg.seed}: {what}"
+    heldout_report(out, final_texts, demo, "final", f"{title}, final checkpoint",
                    preface=comparison_html(summary), appendix=ladder_html(summary, demo, cfg))
     if args.ablation:
-        heldout_report(out, texts, demo, "ablation", f"MG-IQA demo, seed {cfg.seed}: {what}, ablation checkpoint "
-                       "(overall-only reward: its attribute scores were not rewarded)")
+        heldout_report(out, texts, demo, "ablation", f"{title}, ablation checkpoint (overall-only reward: "
+                       "its attribute scores were not rewarded)")
     print_table(summary, log)
     return 0
 
@@ -784,10 +817,9 @@ def print_table(summary: dict, log=print) -> None:
             + f" {summary['ablation']['overall']:12.3f}")
     d = summary.get("ablation_overall_difference")
     if d:
-        verdict = "agrees with" if d["agrees_with_paper"] else "does not agree with"
-        log(f"overall SRCC with - without the attribute rewards: {d['diff']:+.3f} (95% bootstrap interval "
-            f"{d['low']:+.3f} to {d['high']:+.3f}, {d['n']} held-out images); {verdict} the paper's direction "
-            "(.798 -> .779 without)")
+        log(f"overall SRCC with - without the attribute rewards: {d['diff']:+.3f} (95% bootstrap "
+            f"interval {d['low']:+.3f} to {d['high']:+.3f}, {d['n']} held-out images); "
+            f"{verdict(d['agrees_with_paper'])} the paper's direction (.798 -> .779 without)")
     log("(all): attributes over all held-out images; (ov): the overall digit in each attribute's place, within family")
     for key, tag in (("all_images", "all"), ("overall_as_attribute", "ov")):
         for name in ("warmup", "final"):

@@ -87,7 +87,7 @@ th,td{border:1px solid #dde1e8;padding:3px 9px;text-align:right}th{background:#e
 .gt{position:absolute;top:-3px;bottom:-3px;width:2px;margin-left:-1px;background:#1d2330}
 .val{text-align:right;font-variant-numeric:tabular-nums}.why{font-size:12px;background:#f6f7f9;border-radius:4px;padding:4px 6px;margin:0}
 details{font-size:11px;color:#566074}pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:4px 0}
-.ladder td{text-align:center;vertical-align:top;font-size:12px}.ladder img{width:112px;height:112px;image-rendering:pixelated}
+.ladder td,.ladder th{text-align:center;vertical-align:top;font-size:12px}.ladder img{width:112px;height:112px;image-rendering:pixelated}
 .legend{font-size:12px;color:#566074}.legend .gt{position:relative;display:inline-block;height:12px;top:2px}
 """
 

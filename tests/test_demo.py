@@ -269,3 +269,12 @@ def test_mean_is_the_five_with_a_constant_answer_as_zero():
     m = dict(zip(mgiqa.ATTRIBUTES, (0.9, 0.8, math.nan, 0.7, 0.6)))
     assert demo.mean_srcc(m) == pytest.approx((0.9 + 0.8 + 0.7 + 0.6) / 5)
     assert demo.overall_only((1.0, 2.0, 3.0, 4.0, 0.5)) == (0.0, 0.0, 0.0, 0.0, 0.5)
+
+
+def test_families_and_words_follow_mgiqa_by_name():
+    assert demo.FAMILIES == (None, "blur", "noise", "color", "composition")  # the probe's class order, unchanged
+    assert set(demo.FAMILIES[1:]) == set(mgiqa.FAMILY_TO_ATTRIBUTE) and demo.WORDS[demo.FAMILIES.index("color")] == "dull"
+
+
+def test_no_verdict_without_a_difference():
+    assert demo.agrees_with_paper(math.nan) is None and demo.agrees_with_paper(0.0) is False
