@@ -780,7 +780,7 @@ def held_out_eval(cfg: Config, processor, heldout):
 EXPLAIN_DEFAULTS = dict(model="demo", full=True, batch_size=2, num_generations=4, max_new_tokens=20,
                         lr=1e-4, gamma=0.05, seed=0)
 EXPLAIN_FORMAT_STEPS = 300  # answer-layout steps: then 49 of 64 sampled answers were strict
-EXPLAIN_QUIET_STEPS = 2  # GRPO steps before the explained one: the policy has moved from the reference
+EXPLAIN_QUIET_STEPS = 2  # GRPO steps before the shown one: the policy has left the reference
 
 
 @contextlib.contextmanager
@@ -873,14 +873,14 @@ def print_step(cfg: Config, processor, batch, prompts, trace, figures, log=print
     log(f"One GRPO step, explained: B {B} images x K {K} rollouts, credit {cfg.credit}, "
         f"beta {cfg.beta}, gamma {cfg.gamma}, weights {cfg.weights}, w_format {cfg.w_format}")
     log(line)
-    log("[1] The prompt (docs/METHOD.md section 1; image tokens abbreviated), the same for each image:")
+    log("[1] The prompt (docs/METHOD.md section 1; image tokens abbreviated), one per image:")
     log(_abbreviated(tok.decode(prompts.input_ids[0][prompts.attention_mask[0].bool()])))
     log(line)
     log("[3.1] K completions per image (sampled at temperature "
         f"{cfg.temperature}) and their lenient scores [2.0] (" + ", ".join(ATTRIBUTES) + "):")
     scores = rewards["scores"]  # (B, K, A)
     for i, record in enumerate(batch["records"]):
-        labels = ", ".join(f"{a} {record.attributes.get(a, float('nan')):g}" for a in mgiqa.LABELLED)
+        labels = ", ".join(f"{a} {record.attributes.get(a, math.nan):g}" for a in mgiqa.LABELLED)
         log(f"image {i}: {Path(record.image).name}  family {record.family or 'clean'} "
             f"level {record.level}  MOS {record.mos:g}  ({labels})")
         for k in range(K):
@@ -895,7 +895,7 @@ def print_step(cfg: Config, processor, batch, prompts, trace, figures, log=print
         log(f"  {name:12s} " + "; ".join(pairs))
     log(line)
     n, mu, var = reward.group_stats(scores.permute(2, 0, 1))  # (A, B) each
-    p_hat = reward.thurstone_probability(scores.permute(2, 0, 1), mu, var, cfg.gamma)  # (A, B, B, K)
+    p_hat = reward.thurstone_probability(scores.permute(2, 0, 1), mu, var, cfg.gamma)  # (A,B,B,K)
     log("[2.1] mean mu[i] and unbiased variance var[i] of each image's valid scores, "
         "[2.2] p_hat[i, j, k] = Phi((s[i,k] - mu[j]) / sqrt(var[i] + var[j] + gamma)), "
         "[2.6] fidelity reward r[i, k]:")
@@ -939,7 +939,8 @@ def print_step(cfg: Config, processor, batch, prompts, trace, figures, log=print
     log(line)
     (_, _), loss = trace["aggregate"][0]
     log(f"[3.6] loss = {cfg.loss_type} mean of (surrogate + beta k3) over completion tokens "
-        f"= {float(loss):+.6f}; entropy bonus {figures['entropy']:.4f} x {cfg.entropy_coef}; "
+        f"= {float(loss.detach()):+.6f}; entropy bonus {figures['entropy']:.4f} x "
+        f"{cfg.entropy_coef}; "
         f"gradient norm before clipping to {cfg.grad_clip}: {figures['grad_norm']:.4f}")
 
 
@@ -957,7 +958,7 @@ def explain_main(argv, given: set[str]) -> int:
     cfg = Config(**{k: getattr(args, k) for k in names})
     cfg = dataclasses.replace(cfg, **{k: v for k, v in EXPLAIN_DEFAULTS.items() if k not in given})
     check_config(cfg)
-    torch.set_num_threads(args.threads or 2)  # the same thread count, the same sums: the same output
+    torch.set_num_threads(args.threads or 2)  # same threads, same sums: the same output
     explain_step(cfg, *explain_model(cfg))
     return 0
 
