@@ -772,14 +772,11 @@ def held_out_eval(cfg: Config, processor, heldout):
 
 
 # ----------------------------------------------------------------------------- one step, explained
-# python grpo.py --explain [-K 2] [--beta 0] [--credit attribute] ...: one real grpo_step of a tiny
-# model that already answers in the format (a few seconds of the demo's warm-up), printed quantity
-# by quantity in the order of docs/METHOD.md, its equation numbers in brackets. The values printed
+# `python demo.py --explain [-K 2] [--beta 0] [--credit attribute] ...` runs explain_step on the
+# demo's tiny model after a short answer-layout warm-up: one real grpo_step, printed quantity by
+# quantity in the order of docs/METHOD.md, its equation numbers in brackets. The values printed
 # are the step's own: `recording` wraps the functions grpo_step calls and keeps what they saw.
 
-EXPLAIN_DEFAULTS = dict(model="demo", full=True, batch_size=2, num_generations=4, max_new_tokens=20,
-                        lr=1e-4, gamma=0.05, seed=0)
-EXPLAIN_FORMAT_STEPS = 300  # answer-layout steps: then 49 of 64 sampled answers were strict
 EXPLAIN_QUIET_STEPS = 2  # GRPO steps before the shown one: the policy has left the reference
 
 
@@ -807,40 +804,28 @@ def _recorder(function, calls: list):
     return recorded
 
 
-def explain_model(cfg: Config, format_steps: int = EXPLAIN_FORMAT_STEPS):
-    """The demo's tiny model after format_steps of its answer-layout warm-up (no quality label),
-    its processor and the demo's procedural scenes."""
-    import demo  # the demo's model, data and warm-up: imported only here
-
-    demo_cfg = demo.DemoConfig(seed=cfg.seed, n_train=400, n_heldout=8, format_steps=format_steps)
-    model, processor, scenes = demo.untrained(demo_cfg, log=_quiet)
-    scenes.cache_features(model)  # the tower stays as built: its output is computed once per image
-    torch.manual_seed(cfg.seed)
-    demo.train_format(model, processor, scenes, demo_cfg, log=_quiet)
-    return model, processor, scenes
-
-
-def explain_step(cfg: Config, model, processor, scenes, log=print, record: bool = True) -> dict:
-    """From explain_model's model, EXPLAIN_QUIET_STEPS GRPO steps, then one more, printed
-    (record=False: the same steps, nothing recorded or printed). Returns the last step's figures
-    (what grpo_step returned) and, recorded, what its functions saw (trace)."""
+def explain_step(cfg: Config, model, processor, sampler, prompts_of, log=print,
+                 record: bool = True) -> dict:
+    """From `model` (full fine-tuning of its language model), EXPLAIN_QUIET_STEPS GRPO steps on
+    sampler's batches, then one more, printed (record=False: the same steps, nothing recorded or
+    printed). prompts_of(records) -> rollouts.Prompts. Returns the last step's figures (what
+    grpo_step returned) and, recorded, what the functions it calls saw (trace)."""
     ref = None
     if cfg.beta > 0:  # the reference: the model as the warm-up left it (as --full's frozen copy)
         ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), cfg.fsdp,
                                compute_dtype(cfg, "cpu"), cfg.shared_prefix)
     model.requires_grad_(True)
-    model.model.visual.requires_grad_(False)  # the demo's GRPO trains the language model only
+    model.model.visual.requires_grad_(False)  # as the demo's GRPO: the language model only
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     tokens = Tokens.resolve(cfg, model, processor)
     policy = distributed.wrap(model, cfg.fsdp, compute_dtype(cfg, "cpu"), cfg.shared_prefix)
-    sampler = data.Sampler({scenes.train[0].dataset: scenes.train}, cfg.batch_size, seed=cfg.seed)
     me = sys.modules[__name__]
     watched = [(reward, "mg_reward"), (rollouts, "completion_mask"), (reward, "token_advantages"),
                (me, "clipped_surrogate"), (me, "k3_kl"), (me, "aggregate")]
     torch.manual_seed(cfg.seed)
     for step in range(EXPLAIN_QUIET_STEPS + 1):
         batch = sampler.sample()
-        prompts = scenes.prompts(model, processor, scenes.indices(batch["records"]))
+        prompts = prompts_of(batch["records"])
         trace: dict = {}
         shown = record and step == EXPLAIN_QUIET_STEPS
         with recording(trace, watched if shown else []):
@@ -852,10 +837,6 @@ def explain_step(cfg: Config, model, processor, scenes, log=print, record: bool 
     if record:
         print_step(cfg, processor, batch, prompts, trace, figures, log=log)
     return {"figures": figures, "trace": trace}
-
-
-def _quiet(*args, **kwargs) -> None:
-    pass
 
 
 def _rows(values, fmt: str = "{:7.3f}") -> str:
@@ -951,18 +932,6 @@ def _abbreviated(text: str) -> str:
     return re.sub(r"(<\|[a-z_]+\|>)\1{2,}", counted, text)
 
 
-def explain_main(argv, given: set[str]) -> int:
-    """python grpo.py --explain [flags]: EXPLAIN_DEFAULTS for every flag not given."""
-    args = build_parser().parse_args(argv)
-    names = [f.name for f in dataclasses.fields(Config)]
-    cfg = Config(**{k: getattr(args, k) for k in names})
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in EXPLAIN_DEFAULTS.items() if k not in given})
-    check_config(cfg)
-    torch.set_num_threads(args.threads or 2)  # same threads, same sums: the same output
-    explain_step(cfg, *explain_model(cfg))
-    return 0
-
-
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -996,9 +965,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LoRA: after training, also write the merged transformers checkpoint "
                           "here")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    run.add_argument("--explain", action="store_true",
-                     help="run ONE step of a tiny warmed-up model and print every quantity of the "
-                          "paper's formulas (offline, < 1 min); other flags change that step")
     return ap
 
 
@@ -1082,8 +1048,6 @@ def process_seed(seed: int, rank: int) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.explain:
-        return explain_main(argv, given_flags(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args, given_flags(argv))

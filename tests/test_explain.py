@@ -1,30 +1,31 @@
-"""`python grpo.py --explain`: one real step, printed; its numbers are the step's own."""
+"""`python demo.py --explain`: one real grpo_step, printed; its numbers are the step's own."""
 import copy
 import dataclasses
 
 import pytest
 import torch
 
+import demo
 import grpo
 import mgiqa
 import reward
 
 
 def explain_config(**changes) -> grpo.Config:
-    return dataclasses.replace(grpo.Config(**grpo.EXPLAIN_DEFAULTS), **changes)
+    return dataclasses.replace(demo.explain_config([]), **changes)
 
 
 @pytest.fixture(scope="module")
 def warmed():
     """The explain model after 100 answer-layout steps (16 of 16 greedy answers strict, measured)."""
-    return grpo.explain_model(explain_config(), format_steps=100)
+    return demo.explain_model(seed=0, format_steps=100)
 
 
 def explain(cfg, warmed, record=True):
     model, processor, scenes = warmed
     lines = []
-    out = grpo.explain_step(cfg, copy.deepcopy(model), processor, scenes, log=lines.append,
-                            record=record)
+    out = demo.explain(copy.deepcopy(model), processor, scenes, cfg, log=lines.append,
+                       record=record)
     return out, "\n".join(lines)
 
 
