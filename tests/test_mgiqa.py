@@ -328,10 +328,11 @@ def test_a_template_that_opens_the_think_block_still_parses():
     assert mgiqa.prompt_text(processor).endswith("<think>\n")
     opening = mgiqa.template_opening(processor)
     assert opening == "<think>\n"
-    answer = 'blurry edges</think><answer>{"sharpness": 2, "color": 5, "noise": 5, "composition": 5, "overall": 2}</answer>'
+    scores = {a: 2 if a in ("sharpness", "overall") else 5 for a in ATTRIBUTES}
+    answer = f"blurry edges</think><answer>{json.dumps(scores)}</answer>"
     ids = torch.tensor([processor.tokenizer(answer).input_ids + [151645]])
     [text] = mgiqa.decode_completions(processor, ids, [151645], opening)
-    assert mgiqa.parse_answer(text, strict=True) == {"sharpness": 2, "color": 5, "noise": 5, "composition": 5, "overall": 2}
+    assert mgiqa.parse_answer(text, strict=True) == scores
     [bare] = mgiqa.decode_completions(processor, ids, [151645])
     assert mgiqa.parse_answer(bare, strict=True) is None  # without the opening the format reward would be 0
 
