@@ -284,3 +284,18 @@ def test_families_and_words_follow_mgiqa_by_name():
 
 def test_no_verdict_without_a_difference():
     assert demo.agrees_with_paper(math.nan) is None and demo.agrees_with_paper(0.0) is False
+
+
+def test_every_family_word_is_one_token_and_a_longer_one_is_named():
+    _, processor = mgiqa.load("demo", device="cpu")
+    think_end = processor.tokenizer.convert_tokens_to_ids("</think>")
+    for word in demo.WORDS:
+        assert demo.answer_ids(processor, word)[2] == think_end, word
+    with pytest.raises(ValueError, match="'overexposedness' is not one token"):
+        demo.answer_ids(processor, "overexposedness")
+
+
+def test_every_attribute_has_its_own_curve_colour():
+    colors = demo.curve_colors()
+    assert list(colors) == list(mgiqa.ATTRIBUTES)
+    assert len(set(colors.values())) == len(mgiqa.ATTRIBUTES) and colors["overall"] == "#000000"

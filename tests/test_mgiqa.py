@@ -1,4 +1,5 @@
 """The scorer: prompt, parsing, image loading, the offline models, load, score, token budgets and the CLI."""
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,21 @@ def test_prompt_names_every_attribute_scale_direction_and_layout():
         # keys appear in answer order in the example layout
         example = text[text.rindex("<answer>"):]
         assert [example.index(f'"{a}"') for a in ATTRIBUTES] == sorted(example.index(f'"{a}"') for a in ATTRIBUTES)
+
+
+# sha256 of the default prompts: the text the model reads (and the checkpoints learned) stays
+# byte for byte what it was before the prompt was built from ATTRIBUTES (issue 34)
+PROMPT_SHA256 = {True: "5667bdaf3d0900b5b855659b6ab278d4cd0c74edd63f415d3f996e290b689db1",
+                 False: "7637c7ffb4fbddceac66d115d4e35444114d5cc9426c131bae05e3641ab4303d"}
+
+
+def test_default_prompt_and_example_answer_are_unchanged():
+    assert mgiqa.EXAMPLE_ANSWER == GOOD
+    for thinking, digest in PROMPT_SHA256.items():
+        text = mgiqa.build_prompt(thinking)
+        assert text.startswith("You are an expert in image quality assessment. Rate this picture on "
+                               "four attributes and overall.\n- sharpness: ")
+        assert hashlib.sha256(text.encode()).hexdigest() == digest, thinking
 
 
 # ----------------------------------------------------------------------------- parsing
