@@ -75,7 +75,17 @@ from mgiqa import ATTRIBUTES
 # the reasoning word of each family (None: clean)
 WORD_OF = {None: "clean", "blur": "blurry", "noise": "noisy", "color": "dull", "composition": "offcentre"}
 FAMILIES = (None, *mgiqa.FAMILY_TO_ATTRIBUTE)  # the probe's classes in this order
-WORDS = tuple(WORD_OF[family] for family in FAMILIES)
+
+
+def _family_words() -> tuple[str, ...]:
+    """WORD_OF of each of FAMILIES; a family without a word (a fork's new family) is named."""
+    for family in FAMILIES:
+        if family not in WORD_OF:
+            raise ValueError(f"demo.WORD_OF has no reasoning word for the family {family!r}")
+    return tuple(WORD_OF[family] for family in FAMILIES)
+
+
+WORDS = _family_words()
 
 EXTRA = ("all_images", "overall_as_attribute", "family_accuracy")  # kept in summary.json beside the five SRCCs
 DEFAULT_OUT = "runs/demo"
@@ -456,7 +466,7 @@ def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig, texts: list[
 
 
 def heldout_srcc(pred: np.ndarray, recs: list) -> dict:
-    """pred (N, 5) scores in ATTRIBUTES order for records recs -> overall SRCC over all images; each
+    """pred (N, A) scores in ATTRIBUTES order for records recs -> overall SRCC over all images; each
     attribute's SRCC within its family (evaluate.attribute_srcc_within_family: its images plus the
     clean ones); under "all_images" the attributes over all images; under "overall_as_attribute" the
     within-family SRCC that the OVERALL column earns in each attribute's place. Within one family
