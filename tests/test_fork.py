@@ -1,4 +1,4 @@
-"""A fork adds an attribute in one place (issue 34): mgiqa.py's tables, edited as a forker would,
+"""A fork adds an attribute in one place: mgiqa.py's tables, edited as a forker would,
 and nothing else; the prompt, parsing, the reward, a manifest reader, the evaluation and the
 --weights option then carry it.
 

@@ -47,7 +47,7 @@ def test_prompt_names_every_attribute_scale_direction_and_layout():
 
 
 # sha256 of the default prompts: the text the model reads (and the checkpoints learned) stays
-# byte for byte what it was before the prompt was built from ATTRIBUTES (issue 34)
+# byte for byte what it was before the prompt was built from ATTRIBUTES
 PROMPT_SHA256 = {True: "5667bdaf3d0900b5b855659b6ab278d4cd0c74edd63f415d3f996e290b689db1",
                  False: "7637c7ffb4fbddceac66d115d4e35444114d5cc9426c131bae05e3641ab4303d"}
 
