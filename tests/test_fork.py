@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import grpo  # noqa: F401  (it and its imports in sys.modules before a fork: put back after)
@@ -125,13 +126,18 @@ def test_the_fork_reads_evaluates_and_takes_six_weights(fork, tmp_path):
     assert [r.attributes[NEW] for r in recs] == pytest.approx([5 - 0.8 * i for i in range(6)])
     rows = [{"dataset": r.dataset, "image": r.image, "mos": r.mos, "labels": dict(r.attributes),
              **{a: 3.0 for a in m.ATTRIBUTES}, NEW: 4.9 - 0.7 * i, "overall": r.mos,
-             "parsed": True, "strict": True} for i, r in enumerate(recs)]
+             "parsed": True, "strict": True, "completion": "<think>ok</think>"}
+            for i, r in enumerate(recs)]
     summary = evaluate.summarize(rows, recs)
     entry = summary["datasets"][recs[0].dataset]
     assert entry["metrics"][NEW]["srcc"] == pytest.approx(1.0)
     assert entry["within_family"][NEW] == pytest.approx(1.0)
     assert summary["average"][NEW]["datasets"] == 1
     assert f"{NEW} SRCC" in evaluate.results_table(summary)
+    pixels = {r.image: np.zeros((8, 8, 3), np.uint8) for r in recs}
+    page = fork.report.html_report(rows, recs, summary, "fork", images=pixels)
+    assert f"{NEW}: SRCC 1.000" in page
+    assert page.count(f">{NEW}<") == page.count(">sharpness<") >= len(recs)  # a bar on every card
     parser = fork.grpo.build_parser()
     assert parser.parse_args(["--weights", *["0.5"] * 6]).weights == [0.5] * 6
     with pytest.raises(SystemExit):
