@@ -76,7 +76,17 @@ from mgiqa import ATTRIBUTES
 # the reasoning word of each family (None: clean)
 WORD_OF = {None: "clean", "blur": "blurry", "noise": "noisy", "color": "dull", "composition": "offcentre"}
 FAMILIES = (None, *mgiqa.FAMILY_TO_ATTRIBUTE)  # the probe's classes in this order
-WORDS = tuple(WORD_OF[family] for family in FAMILIES)
+
+
+def _family_words() -> tuple[str, ...]:
+    """WORD_OF of each of FAMILIES; a family without a word (a fork's new family) is named."""
+    for family in FAMILIES:
+        if family not in WORD_OF:
+            raise ValueError(f"demo.WORD_OF has no reasoning word for the family {family!r}")
+    return tuple(WORD_OF[family] for family in FAMILIES)
+
+
+WORDS = _family_words()
 
 EXTRA = ("all_images", "overall_as_attribute", "family_accuracy")  # kept in summary.json beside the five SRCCs
 DEFAULT_OUT = "runs/demo"
@@ -206,8 +216,14 @@ def patchify(images: np.ndarray, image_processor):
 
 
 def answer_ids(processor, word: str) -> list[int]:
+    """The demo's answer with word as the reasoning; word is one token (position 1)."""
     digits = ", ".join(f'"{a}": 3' for a in ATTRIBUTES)
-    return processor.tokenizer(f"<think>{word}</think><answer>{{{digits}}}</answer><|im_end|>").input_ids
+    text = f"<think>{word}</think><answer>{{{digits}}}</answer><|im_end|>"
+    ids = processor.tokenizer(text).input_ids
+    if ids[2] != processor.tokenizer.convert_tokens_to_ids("</think>"):
+        raise ValueError(f"demo: the family word {word!r} is not one token of this tokenizer "
+                         f"(the tiny models' tokenizer learns the words of tiny._tokenizer_corpus)")
+    return ids
 
 
 def init_filters(model, n: int, gain: float, seed: int) -> None:
@@ -451,18 +467,21 @@ def evaluate_heldout(model, processor, demo: Demo, cfg: DemoConfig, texts: list[
 
 
 def heldout_srcc(pred: np.ndarray, recs: list) -> dict:
-    """pred (N, 5) scores in ATTRIBUTES order for records recs -> overall SRCC over all images; each
+    """pred (N, A) scores in ATTRIBUTES order for records recs -> overall SRCC over all images; each
     attribute's SRCC within its family (evaluate.attribute_srcc_within_family: its images plus the
     clean ones); under "all_images" the attributes over all images; under "overall_as_attribute" the
     within-family SRCC that the OVERALL column earns in each attribute's place. Within one family
     the attribute and the MOS fall together, so writing the overall score in every slot earns that
     much without knowing any attribute; the all-image figures are what tell the two apart."""
-    names = ATTRIBUTES[:-1]
-    rows = [{"dataset": r.dataset, "image": r.image, **dict(zip(ATTRIBUTES, p))} for r, p in zip(recs, pred.tolist())]
+    names = mgiqa.LABELLED
+    rows = [{"dataset": r.dataset, "image": r.image, **dict(zip(ATTRIBUTES, p, strict=True))}
+            for r, p in zip(recs, pred.tolist(), strict=True)]
     in_place = [row | dict.fromkeys(names, row["overall"]) for row in rows]
-    out = {"overall": float(evaluate.srcc(pred[:, -1], np.array([r.mos for r in recs])))}
+    overall = pred[:, ATTRIBUTES.index("overall")]
+    out = {"overall": float(evaluate.srcc(overall, np.array([r.mos for r in recs])))}
     out |= evaluate.attribute_srcc_within_family(rows, recs)
-    all_images = {a: float(evaluate.srcc(pred[:, i], [r.attributes[a] for r in recs])) for i, a in enumerate(names)}
+    all_images = {a: float(evaluate.srcc(pred[:, ATTRIBUTES.index(a)], [r.attributes[a] for r in recs]))
+                  for a in names}
     return out | {"all_images": all_images, "overall_as_attribute": evaluate.attribute_srcc_within_family(in_place, recs)}
 
 
@@ -548,6 +567,17 @@ def run_grpo(model, processor, demo: Demo, cfg: DemoConfig, out_dir: Path, ablat
     return curve, recorded_settings(gcfg)
 
 
+CURVE_PALETTE = ("#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
+
+
+def curve_colors() -> dict[str, str]:
+    """Each attribute's curve colour: CURVE_PALETTE in ATTRIBUTES order, overall black."""
+    if len(mgiqa.LABELLED) > len(CURVE_PALETTE):
+        raise ValueError(f"{len(mgiqa.LABELLED)} attributes, {len(CURVE_PALETTE)} colours in "
+                         "demo.CURVE_PALETTE: add colours")
+    return {**dict(zip(mgiqa.LABELLED, CURVE_PALETTE)), "overall": "#000000"}
+
+
 def plot_curve(curves: dict, path: Path) -> None:
     """Held-out SRCC per attribute against GRPO step, drawn with PIL (matplotlib is not required)."""
     from PIL import Image, ImageDraw
@@ -555,7 +585,7 @@ def plot_curve(curves: dict, path: Path) -> None:
     W, H, pad = 640, 400, 50
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    colors = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#000000"]
+    colors = curve_colors()
     points = [p for c in curves.values() for p in c]
     if not points:
         return
@@ -572,15 +602,15 @@ def plot_curve(curves: dict, path: Path) -> None:
     d.text((pad, 10), "held-out SRCC (attributes within their family; dashed: ablation)", fill="black")
     d.text((pad, 24), "a constant answer (SRCC undefined) is drawn at 0, as a hollow dot", fill="black")
     for (name, curve) in curves.items():
-        for a, color in zip(ATTRIBUTES, colors):
+        for a, color in colors.items():
             pts = [(x(p["step"]), y(0.0 if math.isnan(p[a]) else p[a]), math.isnan(p[a])) for p in curve]
             for (x0, y0, _), (x1, y1, _) in zip(pts, pts[1:]):
                 end = ((x0 + x1) / 2, (y0 + y1) / 2) if name == "ablation" else (x1, y1)
                 d.line([x0, y0, *end], fill=color, width=2)
             for px, py, constant in pts:
                 d.ellipse([px - 3, py - 3, px + 3, py + 3], outline=color, fill="white" if constant else color)
-    for i, (a, color) in enumerate(zip(ATTRIBUTES, colors)):
-        d.text((W - pad - 5 * 95 + 95 * i, 36), a, fill=color)
+    for i, (a, color) in enumerate(colors.items()):
+        d.text((W - pad - len(colors) * 95 + 95 * i, 36), a, fill=color)
     img.save(path)
 
 
@@ -814,7 +844,7 @@ def print_table(summary: dict, log=print) -> None:
             m = summary[name]
             log(f"{name:14s} " + " ".join(f"{m[a]:12.3f}" for a in ATTRIBUTES) + f" {mean_srcc(m):12.3f}")
     if "ablation" in summary:  # its attributes had no reward: their figures are no comparison
-        log(f"{'ablation':14s} " + " ".join(f"{'not rewarded':>12s}" for a in ATTRIBUTES[:-1])
+        log(f"{'ablation':14s} " + " ".join(f"{'not rewarded':>12s}" for a in mgiqa.LABELLED)
             + f" {summary['ablation']['overall']:12.3f}")
     d = summary.get("ablation_overall_difference")
     if d:
@@ -826,7 +856,8 @@ def print_table(summary: dict, log=print) -> None:
         for name in ("warmup", "final"):
             if name in summary and key in summary[name]:
                 m = summary[name][key]
-                log(f"{name + f' ({tag})':14s} " + " ".join(f"{m.get(a, float('nan')):12.3f}" for a in ATTRIBUTES[:-1]))
+                cells = " ".join(f"{m.get(a, float('nan')):12.3f}" for a in mgiqa.LABELLED)
+                log(f"{name + f' ({tag})':14s} " + cells)
 
 
 # ----------------------------------------------------------------------------- one step, explained

@@ -267,7 +267,7 @@ def read_rows(path: str) -> list[dict]:
 
 
 def result_row(rec, res: dict, thinking: bool) -> dict:
-    """One image's row: the record's labels beside an mgiqa.score result (the five scores, strict,
+    """One image's row: the record's labels beside an mgiqa.score result (the scores, strict,
     completion)."""
     return {"dataset": rec.dataset, "image": rec.image, "mos": float(rec.mos),
             "labels": {a: float(rec.attributes[a]) for a in LABELLED if a in rec.attributes},

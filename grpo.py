@@ -104,8 +104,8 @@ class Config:
     # reward
     w_format: float = option(1.0, "reward", "weight of the strict-format reward")
     weights: list = option(tuple(reward.DEFAULT_WEIGHTS), "reward",
-                           "weights of sharpness color noise composition overall",
-                           nargs=5, metavar="W")
+                           "weights of " + " ".join(ATTRIBUTES),
+                           nargs=len(ATTRIBUTES), metavar="W")
     gamma: float = option(1e-6, "reward", "added to the variance sum in the Thurstone probability")
     ignore_ties: bool = option(False, "reward",
                                "leave tied-label pairs out of the fidelity mean (ours)")

@@ -30,8 +30,11 @@ import tiny
 
 # ----------------------------------------------------------------------------- the prompt
 
+# The one list of scores, in answer order (fine to coarse: "overall" last, conditioned on the rest).
+# A new attribute needs an entry here, in ATTRIBUTE_DEFINITIONS and in EXAMPLE_SCORES (checked at
+# import), and one in FAMILY_TO_ATTRIBUTE if a distortion family degrades it.
 ATTRIBUTES = ("sharpness", "color", "noise", "composition", "overall")
-LABELLED = ATTRIBUTES[:-1]  # attributes a dataset may label; overall always comes from MOS
+LABELLED = tuple(a for a in ATTRIBUTES if a != "overall")  # a dataset may label these; overall: MOS
 # which attribute a distortion family degrades (synthetic datasets' metadata; docs/METHOD.md,
 # section 4)
 FAMILY_TO_ATTRIBUTE = {"blur": "sharpness", "noise": "noise", "color": "color",
@@ -54,15 +57,43 @@ OVERALL_QUESTION = (
     "between 1 and 5, rounded to two decimal places, with 1 representing very poor quality and 5 "
     "representing excellent quality."
 )
-EXAMPLE_ANSWER = ('{"sharpness": 4.10, "color": 3.80, "noise": 4.50, "composition": 3.20, '
-                  '"overall": 3.90}')
+# the example answer's score of each attribute (the prompt shows it: keep two decimals)
+EXAMPLE_SCORES = {"sharpness": 4.10, "color": 3.80, "noise": 4.50, "composition": 3.20,
+                  "overall": 3.90}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _check_attributes() -> None:
+    """Fail at import, naming the value, where the attribute tables disagree with ATTRIBUTES."""
+    if not ATTRIBUTES or ATTRIBUTES[-1] != "overall" or ATTRIBUTES.count("overall") != 1:
+        raise ValueError(f"ATTRIBUTES must end with 'overall' (once), got {ATTRIBUTES}")
+    if len(set(ATTRIBUTES)) != len(ATTRIBUTES):
+        raise ValueError(f"ATTRIBUTES has a repeated name: {ATTRIBUTES}")
+    for table, names in (("ATTRIBUTE_DEFINITIONS", LABELLED), ("EXAMPLE_SCORES", ATTRIBUTES)):
+        keys = globals()[table]
+        for name in names:
+            if name not in keys:
+                raise ValueError(f"attribute {name!r} has no entry in mgiqa.{table}")
+        for name in keys:
+            if name not in names:
+                raise ValueError(f"mgiqa.{table} has {name!r}, which is not in {names}")
+    for family, name in FAMILY_TO_ATTRIBUTE.items():
+        if name not in LABELLED:
+            raise ValueError(f"FAMILY_TO_ATTRIBUTE[{family!r}] = {name!r} is not in {LABELLED}")
+    if len(LABELLED) >= len(NUMBER_WORDS):
+        raise ValueError(f"{len(LABELLED)} attributes: the prompt spells counts up to "
+                         f"{len(NUMBER_WORDS) - 1} (NUMBER_WORDS)")
+
+
+_check_attributes()
+EXAMPLE_ANSWER = "{" + ", ".join(f'"{a}": {EXAMPLE_SCORES[a]:.2f}' for a in ATTRIBUTES) + "}"
 
 
 def build_prompt(thinking: bool = True) -> str:
     lines = ["You are an expert in image quality assessment. "
-             "Rate this picture on four attributes and overall."]
-    for name, definition in ATTRIBUTE_DEFINITIONS.items():
-        lines.append(f"- {name}: {definition}")
+             f"Rate this picture on {NUMBER_WORDS[len(LABELLED)]} attributes and overall."]
+    for name in LABELLED:
+        lines.append(f"- {name}: {ATTRIBUTE_DEFINITIONS[name]}")
     lines.append(OVERALL_QUESTION)
     lines.append("Every score is a float between 1 and 5, rounded to two decimal places; "
                  "higher is better for every key.")
@@ -148,9 +179,10 @@ def parse_answer(text: str, strict: bool = False, thinking: bool = True,
                  clip: bool = True) -> dict[str, float] | None:
     """Scores from a completion (docs/METHOD.md, section 1).
 
-    strict: None unless the whole completion is exactly the requested layout with all five keys
-    in [1, 5]. Lenient: always a dict with the five keys, each a float in [1, 5] or NaN; never
-    raises. With clip=False, a value outside [1, 5] becomes NaN instead of being clipped.
+    strict: None unless the whole completion is exactly the requested layout with every key of
+    ATTRIBUTES in [1, 5]. Lenient: always a dict with the keys of ATTRIBUTES, each a float in [1, 5]
+    or NaN; never raises. With clip=False, a value outside [1, 5] becomes NaN instead of being
+    clipped.
     """
     if not isinstance(text, str):
         return None if strict else {a: math.nan for a in ATTRIBUTES}
@@ -463,9 +495,10 @@ def score(model, processor, images, thinking: bool = True, batch_size: int = 8,
           progress: bool = False) -> list[dict]:
     """Score images (paths or PIL images) in batches; results in input order.
 
-    Each result: the five scores (lenient parse, clipped to [1, 5], NaN if missing; the mean over
-    samples), `std` per key when num_samples > 1, `reasoning`, `completion` (the first sample's
-    raw text), `completions`, `strict` (every sample in the exact layout) and `strict_rate`.
+    Each result: the scores of ATTRIBUTES (lenient parse, clipped to [1, 5], NaN if missing; the
+    mean over samples), `std` per key when num_samples > 1, `reasoning`, `completion` (the first
+    sample's raw text), `completions`, `strict` (every sample in the exact layout) and
+    `strict_rate`.
     Greedy when temperature == 0, so repeated calls give identical scores."""
     import numpy as np
     import torch

@@ -49,8 +49,8 @@ def preferences(records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     reference whose families map to the attribute (a clean image counts for every family) are
     ordered by level, the lower level better (mgiqa.FAMILY_TO_ATTRIBUTE: blur -> sharpness, noise,
     color, composition)."""
-    labels = torch.tensor([[r.attributes.get(a, math.nan) for a in LABELLED] + [r.mos]
-                           for r in records], dtype=torch.float64)              # (B, A)
+    labels = torch.tensor([[r.mos if a == "overall" else r.attributes.get(a, math.nan)
+                            for a in ATTRIBUTES] for r in records], dtype=torch.float64)  # (B, A)
     pairs = [preference_matrix(labels[:, a]) for a in range(len(ATTRIBUTES))]
     P, M = map(torch.stack, zip(*pairs))                                        # (A, B, B)
     B = len(records)
@@ -61,7 +61,8 @@ def preferences(records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                          dtype=torch.float64)
     by_level, _ = preference_matrix(-level)                                     # lower is better
     clean = torch.tensor([r.level == 0 and r.family is None for r in records])
-    for a, name in enumerate(LABELLED):
+    for name in LABELLED:
+        a = ATTRIBUTES.index(name)
         ok = clean | torch.tensor([FAMILY_TO_ATTRIBUTE.get(r.family) == name and r.level is not None
                                    for r in records])
         meta = same_ref & ok[:, None] & ok[None, :] & ~M[a]                     # label pairs first

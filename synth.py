@@ -44,15 +44,21 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from data import Record
-from mgiqa import LABELLED
+from mgiqa import FAMILY_TO_ATTRIBUTE
 
-SYNTH_FAMILIES = ("blur", "color", "noise", "composition")  # -> sharpness, color, noise, composition
+# One entry per family: SYNTH_FAMILIES, the columns of every levels matrix and the attributes
+# labelled follow from it (a new family also needs its distortion in _PIXEL_DISTORTIONS and an
+# attribute in mgiqa.FAMILY_TO_ATTRIBUTE; checked at import)
 LEVELS = {  # index = level 0-5; level 1 as the measured recipe (noise sigma 8, offset 0.1, saturation 0.8)
     "blur": (0.0, 0.8, 1.3, 1.9, 2.6, 3.5),          # gaussian sigma, pixels
     "color": (1.0, 0.8, 0.6, 0.4, 0.2, 0.0),         # saturation kept
     "noise": (0.0, 8.0, 16.0, 25.0, 36.0, 50.0),     # gaussian sigma, 0-255 scale
     "composition": (0.0, 0.1, 0.2, 0.3, 0.42, 0.55),  # subject offset from the centre, fraction of the side
 }
+SYNTH_FAMILIES = tuple(LEVELS)  # blur, color, noise, composition: the levels matrices' columns
+COLUMN = {family: j for j, family in enumerate(SYNTH_FAMILIES)}  # its column in levels (N, F)
+SYNTH_ATTRIBUTES = tuple(FAMILY_TO_ATTRIBUTE.get(f) for f in SYNTH_FAMILIES)  # each family's label
+PIXEL_FAMILIES = tuple(f for f in SYNTH_FAMILIES if f != "composition")  # composition: a move
 
 
 def _wave(g: np.ndarray, freq: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
@@ -110,22 +116,60 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
     return sum(w * p[..., j:j + S] for j, w in enumerate(k))
 
 
-def _distort(img: np.ndarray, levels: np.ndarray, rng, cast: np.ndarray | None = None) -> np.ndarray:
-    """Blur, desaturate, add noise (in that order) at levels (N, 4) in SYNTH_FAMILIES order -> uint8.
-    cast (N, 3), photos only: channel gains minus 1 applied after the desaturation (colour family)."""
-    for lv in range(1, 6):
-        sel = levels[:, 0] == lv
+def _blur_family(img: np.ndarray, level: np.ndarray, rng, cast: np.ndarray | None) -> None:
+    for lv in range(1, len(LEVELS["blur"])):
+        sel = level == lv
         if sel.any():
             img[sel] = _blur(img[sel], LEVELS["blur"][lv])
-    sel = levels[:, 1] > 0
+
+
+def _color_family(img: np.ndarray, level: np.ndarray, rng, cast: np.ndarray | None) -> None:
+    """Desaturation; cast (N, 3), photos only: channel gains minus 1 applied after it."""
+    sel = level > 0
     x = img[sel]
     gray = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
-    img[sel] = gray + np.take(np.float32(LEVELS["color"]), levels[sel, 1])[:, None, None, None] * (x - gray)
+    kept = np.take(np.float32(LEVELS["color"]), level[sel])[:, None, None, None]
+    img[sel] = gray + kept * (x - gray)
     if cast is not None:
         img[sel] *= 1 + cast[sel][:, :, None, None].astype(np.float32)
-    sel = levels[:, 2] > 0
-    sigma = np.take(np.float32(LEVELS["noise"]), levels[sel, 2])[:, None, None, None] / 255
+
+
+def _noise_family(img: np.ndarray, level: np.ndarray, rng, cast: np.ndarray | None) -> None:
+    sel = level > 0
+    sigma = np.take(np.float32(LEVELS["noise"]), level[sel])[:, None, None, None] / 255
     img[sel] += rng.standard_normal(img[sel].shape, dtype=np.float32) * sigma
+
+
+# family -> its distortion of float images (N, 3, S, S) in place, at levels (N,); _distort applies
+# them in PIXEL_FAMILIES order (LEVELS' order)
+_PIXEL_DISTORTIONS = {"blur": _blur_family, "color": _color_family, "noise": _noise_family}
+
+
+def _check_families() -> None:
+    """Fail at import, naming the family, where LEVELS, the distortions and the labels disagree."""
+    for family, attribute in zip(SYNTH_FAMILIES, SYNTH_ATTRIBUTES, strict=True):
+        if attribute is None:
+            raise ValueError(f"synth family {family!r} has no attribute in "
+                             f"mgiqa.FAMILY_TO_ATTRIBUTE")
+        if family in PIXEL_FAMILIES and family not in _PIXEL_DISTORTIONS:
+            raise ValueError(f"synth family {family!r} has LEVELS but no distortion in "
+                             f"synth._PIXEL_DISTORTIONS")
+    if len(set(SYNTH_ATTRIBUTES)) != len(SYNTH_ATTRIBUTES):
+        raise ValueError(f"two synth families label one attribute: {SYNTH_ATTRIBUTES}")
+    unknown = set(_PIXEL_DISTORTIONS) - set(PIXEL_FAMILIES)
+    if unknown:
+        raise ValueError(f"synth._PIXEL_DISTORTIONS has {sorted(unknown)}, not in LEVELS")
+
+
+_check_families()
+
+
+def _distort(img: np.ndarray, levels: np.ndarray, rng,
+             cast: np.ndarray | None = None) -> np.ndarray:
+    """Each of PIXEL_FAMILIES (blur, desaturate, add noise) in that order at levels (N, F), columns
+    COLUMN -> uint8. cast (N, 3), photos only: the colour family's channel gains minus 1."""
+    for family in PIXEL_FAMILIES:
+        _PIXEL_DISTORTIONS[family](img, levels[:, COLUMN[family]], rng, cast)
     img = np.minimum(np.maximum(img * 255 + 0.5, 0, out=img), 255, out=img)  # np.clip is slower
     return img.transpose(0, 2, 3, 1).astype(np.uint8)  # (N, S, S, 3)
 
@@ -137,27 +181,29 @@ def _offsets(levels: np.ndarray, rng) -> np.ndarray:
 
 
 def _plan(n, seed, mode, per_ref, heldout_frac, dataset) -> tuple[np.ndarray, list[Record]]:
-    """Levels (N, 4) in SYNTH_FAMILIES order and the records; scene s has images s_0 .. s_{per_ref-1}."""
+    """Levels (N, F), columns COLUMN, and the records; scene s has images s_0 .. s_{per_ref-1}."""
     if mode not in ("family", "mixed") or (mode == "family" and per_ref < 2):
         raise ValueError(f"mode must be family (per_ref >= 2) or mixed, got {mode!r}, per_ref={per_ref}")
     rng = np.random.default_rng([seed, 0])
     n_scenes = math.ceil(n / per_ref)
     test = np.zeros(n_scenes, bool)
     test[rng.permutation(n_scenes)[:round(heldout_frac * n_scenes)]] = True
-    levels = np.zeros((n_scenes, per_ref, 4), int)  # version 0 of a scene: clean (family mode)
+    F = len(SYNTH_FAMILIES)
+    levels = np.zeros((n_scenes, per_ref, F), int)  # version 0 of a scene: clean (family mode)
     if mode == "family":  # versions cycle through a shuffled family order, each family at distinct levels
-        rows, fams, lv = np.arange(n_scenes), rng.random((n_scenes, 4)).argsort(1), rng.random((n_scenes, 4, 5)).argsort(2) + 1
+        rows, fams = np.arange(n_scenes), rng.random((n_scenes, F)).argsort(1)
+        lv = rng.random((n_scenes, F, 5)).argsort(2) + 1
         for v in range(1, per_ref):
-            levels[rows, v, fams[:, (v - 1) % 4]] = lv[rows, fams[:, (v - 1) % 4], (v - 1) // 4 % 5]
+            levels[rows, v, fams[:, (v - 1) % F]] = lv[rows, fams[:, (v - 1) % F], (v - 1) // F % 5]
     else:
-        levels = rng.integers(0, 6, (n_scenes, per_ref, 4))
-    levels = levels.reshape(-1, 4)[:n]
+        levels = rng.integers(0, 6, (n_scenes, per_ref, F))
+    levels = levels.reshape(-1, F)[:n]
     scenes = [f"s{s:05d}" for s in range(n_scenes)]
     return levels, _records(levels, mode, per_ref, test, scenes, dataset)
 
 
 def _records(levels, mode, per_ref, test, scenes, dataset, photo=None) -> list[Record]:
-    """One Record per image from its levels (N, 4): the distorted attribute 5 - 0.8 level, the others 5;
+    """One Record per image from its levels (N, F): the distorted attribute 5 - 0.8 level, others 5;
     overall the minimum (family mode) or (min + mean) / 2 (mixed); scene s's images are s_0 .. s_{per_ref-1}."""
     attrs = np.round(5 - 0.8 * levels, 2)
     mos = attrs.min(1) if mode == "family" else np.round((attrs.min(1) + attrs.mean(1)) / 2, 2)
@@ -167,7 +213,8 @@ def _records(levels, mode, per_ref, test, scenes, dataset, photo=None) -> list[R
         family, level = (hit[0], max(lv)) if mode == "family" and hit else (None, None if hit else 0)
         extra = {} if photo is None else {"photo": photo[i]}
         records.append(Record(f"{scenes[s]}_{i % per_ref}.png", dataset, "synthetic", "test" if test[s] else "train",
-                              y, dict(zip(LABELLED, at)), scenes[s], family, level, extra))
+                              y, dict(zip(SYNTH_ATTRIBUTES, at, strict=True)), scenes[s], family,
+                              level, extra))
     return records
 
 
@@ -178,9 +225,10 @@ def _chunk(k: int, levels: np.ndarray, size: int, seed: int, per_ref: int, chunk
     ids = np.arange(k * chunk * per_ref, min((k + 1) * chunk * per_ref, len(levels)))
     sc = _scenes(rng, math.ceil(len(ids) / per_ref), size)
     img = _render(sc, np.arange(len(sc["rx"])), np.zeros((1, 2)))[ids // per_ref - k * chunk]
-    moved = levels[ids, 3] > 0  # only these need the subject drawn again
-    img[moved] = _render(sc, ids[moved] // per_ref - k * chunk, _offsets(levels[ids[moved], 3], rng))
-    return _distort(img, levels[ids], rng, _casts(rng, levels[ids, 1]) if cast else None)
+    composition, color = levels[ids, COLUMN["composition"]], levels[ids, COLUMN["color"]]
+    moved = composition > 0  # only these need the subject drawn again
+    img[moved] = _render(sc, ids[moved] // per_ref - k * chunk, _offsets(composition[moved], rng))
+    return _distort(img, levels[ids], rng, _casts(rng, color) if cast else None)
 
 
 def _synth(n, size, seed, mode, per_ref, heldout_frac, dataset, work, chunk=32, threads=2, cast=False):
@@ -338,7 +386,7 @@ def _casts(rng, level: np.ndarray) -> np.ndarray:
 
 
 def _plan_photos(n, seed, mode, per_ref, heldout_frac, heldout_photos, dataset, photos):
-    """Per image: photo name, crop side, crop centre, levels (N, 4) in SYNTH_FAMILIES order, cast; and the
+    """Per image: photo name, crop side, crop centre, levels (N, F), columns COLUMN, cast; and the
     records. Scene s (images s_0 .. s_{per_ref-1}) is a crop of one photo; held-out scenes (a heldout_frac
     share) only from heldout_photos, training scenes only from the others."""
     if mode not in ("family", "mixed") or (mode == "family" and per_ref < 2):
@@ -347,7 +395,7 @@ def _plan_photos(n, seed, mode, per_ref, heldout_frac, heldout_photos, dataset, 
     if unknown:
         raise ValueError(f"unknown held-out photo {unknown[0]!r}; the photos: {', '.join(PHOTOS)}")
     rng = np.random.default_rng([seed, 3])
-    n_scenes = math.ceil(n / per_ref)
+    n_scenes, F = math.ceil(n / per_ref), len(SYNTH_FAMILIES)
     test = np.zeros(n_scenes, bool)
     test[rng.permutation(n_scenes)[:round(heldout_frac * n_scenes)]] = True
     scene_photo = np.empty(n_scenes, object)
@@ -359,28 +407,29 @@ def _plan_photos(n, seed, mode, per_ref, heldout_frac, heldout_photos, dataset, 
         scene_photo[sel] = np.array(pool, dtype=object)[rng.permutation(np.arange(sel.sum()) % max(len(pool), 1))]
     subject = np.array([photos[p].centre is not None for p in scene_photo], bool)
     if mode == "family":  # versions cycle through a shuffled order of the photo's families, each at distinct levels
-        levels = np.zeros((n_scenes, per_ref, 4), int)
-        order = rng.random((n_scenes, 4))
-        order[~subject, 3] = 2  # composition sorts last and is never reached on subject-less photos
-        rows, fams, nf = np.arange(n_scenes), order.argsort(1), np.where(subject, 4, 3)
-        keys = rng.random((n_scenes, 4, 5))
+        levels = np.zeros((n_scenes, per_ref, F), int)
+        order = rng.random((n_scenes, F))
+        order[~subject, COLUMN["composition"]] = 2  # sorts last: unreached on subject-less photos
+        rows, fams, nf = np.arange(n_scenes), order.argsort(1), np.where(subject, F, F - 1)
+        keys = rng.random((n_scenes, F, 5))
         for p in PHOTOS:  # each family's first level cycles through 1-5 over a photo's scenes: every level shows up
             sel = np.flatnonzero(scene_photo == p)
-            first = rng.permuted(np.arange(len(sel) * 4).reshape(4, -1) % 5, axis=1).T  # (scenes, families)
-            keys[sel[:, None], np.arange(4), first] = -1
+            cycle = np.arange(len(sel) * F).reshape(F, -1) % 5
+            first = rng.permuted(cycle, axis=1).T  # (scenes, families)
+            keys[sel[:, None], np.arange(F), first] = -1
         lv = keys.argsort(2) + 1
         for v in range(1, per_ref):
             f = fams[rows, (v - 1) % nf]
             levels[rows, v, f] = lv[rows, f, (v - 1) // nf % 5]
     else:
-        levels = rng.integers(0, 6, (n_scenes, per_ref, 4))
-        levels[~subject, :, 3] = 0
+        levels = rng.integers(0, 6, (n_scenes, per_ref, F))
+        levels[~subject, :, COLUMN["composition"]] = 0
     side, centre = _frames(rng, photos, scene_photo)
     scene = np.arange(n) // per_ref
-    levels = levels.reshape(-1, 4)[:n]
+    levels = levels.reshape(-1, F)[:n]
     photo, side = scene_photo[scene], side[scene]
-    centre = _moved(rng, photos, photo, side, centre[scene], levels[:, 3])
-    cast = _casts(rng, levels[:, 1])
+    centre = _moved(rng, photos, photo, side, centre[scene], levels[:, COLUMN["composition"]])
+    cast = _casts(rng, levels[:, COLUMN["color"]])
     records = _records(levels, mode, per_ref, test, [f"{p}_{s:05d}" for s, p in enumerate(scene_photo)], dataset, photo)
     return {"photo": photo, "side": side, "centre": centre, "levels": levels, "cast": cast}, records
 
@@ -403,7 +452,8 @@ def _render_photos(photos: dict, photo, side, centre, levels, cast, size: int, r
             crops.append(np.asarray(pyramid[k].resize((size, size), Image.Resampling.BICUBIC, box=box)))
         index[i] = keys[key]
     out = np.stack(crops)[index]
-    todo = (levels[:, :3] > 0).any(1)  # clean and composition-only images are the crops themselves
+    pixel = [COLUMN[f] for f in PIXEL_FAMILIES]
+    todo = (levels[:, pixel] > 0).any(1)  # clean and composition-only images: the crops themselves
     if not todo.any():
         return out
     img = out[todo].transpose(0, 3, 1, 2).astype(np.float32, order="C")
@@ -441,19 +491,27 @@ def synthesize_photos(n: int, size: int, seed: int = 0, mode: str = "family", pe
     return np.concatenate(chunks), records
 
 
+def _ladder_levels(families) -> np.ndarray:
+    """Levels (6 len(families), F): each family's levels 0-5 in turn, the others clean."""
+    rows = np.arange(6 * len(families))
+    levels = np.zeros((len(rows), len(SYNTH_FAMILIES)), int)
+    levels[rows, [COLUMN[f] for f in families for _ in range(6)]] = rows % 6
+    return levels
+
+
 def photo_ladder(photo: str, size: int = 96, seed: int = 0) -> dict[str, np.ndarray]:
     """One scene of photo at every level of each of its families: {family: uint8 (6, S, S, 3)}
     (no composition row for a photo without a subject)."""
     photos = load_photos()
     rng = np.random.default_rng([seed, 5, list(PHOTOS).index(photo)])
-    fams = SYNTH_FAMILIES if photos[photo].centre is not None else SYNTH_FAMILIES[:3]
-    levels = np.zeros((6 * len(fams), 4), int)
-    levels[np.arange(len(levels)), np.arange(len(levels)) // 6] = np.arange(len(levels)) % 6
+    fams = SYNTH_FAMILIES if photos[photo].centre is not None else PIXEL_FAMILIES
+    levels = _ladder_levels(fams)
     name = np.full(len(levels), photo, dtype=object)
     side, centre = _frames(rng, photos, name[:1])
     side = np.repeat(side, len(levels))
-    centre = _moved(rng, photos, name, side, np.repeat(centre, len(levels), 0), levels[:, 3])
-    img = _render_photos(photos, name, side, centre, levels, _casts(rng, levels[:, 1]), size, rng)
+    composition, color = levels[:, COLUMN["composition"]], levels[:, COLUMN["color"]]
+    centre = _moved(rng, photos, name, side, np.repeat(centre, len(levels), 0), composition)
+    img = _render_photos(photos, name, side, centre, levels, _casts(rng, color), size, rng)
     return dict(zip(fams, img.reshape(len(fams), 6, size, size, 3)))
 
 
@@ -481,20 +539,23 @@ def make_synthetic(out: str, n: int, size: int, seed: int = 0, mode: str = "fami
     extra = ["photo"] if source == "photos" else []
     with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "mos", *LABELLED, "split", "ref", "family", "level", "dataset", *extra])
-        w.writerows([r.image, r.mos, *(r.attributes[a] for a in LABELLED), r.split, r.ref, r.family or "",
+        w.writerow(["image", "mos", *SYNTH_ATTRIBUTES, "split", "ref", "family", "level", "dataset",
+                    *extra])
+        w.writerows([r.image, r.mos, *(r.attributes[a] for a in SYNTH_ATTRIBUTES), r.split, r.ref,
+                     r.family or "",
                      "" if r.level is None else r.level, r.dataset, *(r.extra[k] for k in extra)] for r in records)
     contact_sheet(os.path.join(out, "contact_sheet.png"), max(size, 96), seed, source)
     return [replace(r, image=os.path.join(out, r.image)) for r in records]
 
 
 def ladder(size: int = 96, seed: int = 0) -> np.ndarray:
-    """One scene at every level of every family: uint8 (4, 6, S, S, 3), rows in SYNTH_FAMILIES order."""
+    """One scene at every level of every family: uint8 (F, 6, S, S, 3), rows: SYNTH_FAMILIES."""
     rng = np.random.default_rng([seed, 2])
-    levels = np.zeros((24, 4), int)
-    levels[np.arange(24), np.arange(24) // 6] = np.arange(24) % 6
-    img = _render(_scenes(rng, 1, size), np.zeros(24, int), _offsets(levels[:, 3], rng))
-    return _distort(img, levels, rng).reshape(4, 6, size, size, 3)
+    levels = _ladder_levels(SYNTH_FAMILIES)
+    scene = _scenes(rng, 1, size)  # before the offsets: one generator, this order
+    offsets = _offsets(levels[:, COLUMN["composition"]], rng)
+    img = _render(scene, np.zeros(len(levels), int), offsets)
+    return _distort(img, levels, rng).reshape(len(SYNTH_FAMILIES), 6, size, size, 3)
 
 
 def _sheet(path: str, rows: list, size: int, left: int = 90, columns=range(6)) -> None:
@@ -517,8 +578,9 @@ def contact_sheet(path: str, size: int = 96, seed: int = 0, source: str = "proce
     photo_ladder() of each of photos (default all) stacked, a row per photo and attribute."""
     if source == "procedural":
         images = ladder(size, seed)
-        return _sheet(path, [(LABELLED[row], images[row]) for row in range(4)], size, columns=columns)
-    rows = [(f"{p}\n{LABELLED[SYNTH_FAMILIES.index(f)]}", im)
+        rows = list(zip(SYNTH_ATTRIBUTES, images, strict=True))
+        return _sheet(path, rows, size, columns=columns)
+    rows = [(f"{p}\n{FAMILY_TO_ATTRIBUTE[f]}", im)
             for p in (photos or PHOTOS) for f, im in photo_ladder(p, size, seed).items()]
     _sheet(path, rows, size, left=110, columns=columns)
 

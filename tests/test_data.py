@@ -19,7 +19,7 @@ import data
 import reward
 import synth
 from data import Record
-from mgiqa import ATTRIBUTES, FAMILY_TO_ATTRIBUTE
+from mgiqa import ATTRIBUTES, FAMILY_TO_ATTRIBUTE, LABELLED
 
 
 def touch_image(path, value=128):
@@ -575,7 +575,7 @@ def test_command_line_summary(tmp_path):
     done = run("summary", f"manifest={tmp_path / 'syn'}")
     assert done.returncode == 0, done.stderr
     assert "20 images (0 listed but missing on disk)" in done.stdout and "train 10, test 10" in done.stdout
-    assert "attributes ['sharpness', 'color', 'noise', 'composition']" in done.stdout
+    assert f"attributes {list(LABELLED)}" in done.stdout
     failed = run("summary", f"manifest={tmp_path / 'syn'}", f"koniq={tmp_path / 'none'}")
     assert failed.returncode == 1 and "koniq: error:" in failed.stdout and "manifest: 20 images" in failed.stdout
 

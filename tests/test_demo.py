@@ -140,24 +140,27 @@ def test_reduced_demo_grpo_beats_warmup(tmp_path):
 def test_heldout_srcc_within_family_all_images_and_overall_in_place():
     # two clean images (MOS 5) and every family at levels 1 and 2 (MOS 4, 3; the family's attribute
     # likewise, the other attributes 5)
-    recs = [data.Record(f"c{i}", "demo", "synthetic", mos=5.0, attributes=dict.fromkeys(mgiqa.ATTRIBUTES[:-1], 5.0),
+    recs = [data.Record(f"c{i}", "demo", "synthetic", mos=5.0,
+                        attributes=dict.fromkeys(mgiqa.LABELLED, 5.0),
                         family=None, level=0) for i in range(2)]
     for fam, attr in mgiqa.FAMILY_TO_ATTRIBUTE.items():
         for level, q in ((1, 4.0), (2, 3.0)):
             recs.append(data.Record(f"{fam}{level}", "demo", "synthetic", mos=q, family=fam, level=level,
-                                    attributes={a: (q if a == attr else 5.0) for a in mgiqa.ATTRIBUTES[:-1]}))
+                                    attributes={a: (q if a == attr else 5.0)
+                                                for a in mgiqa.LABELLED}))
     mos = np.array([r.mos for r in recs])
-    pred = np.stack([mos,                                            # sharpness: the overall copied
-                     np.array([r.attributes["color"] for r in recs]),  # color: the attribute itself
-                     np.full(len(recs), 3.0),                        # noise: constant
-                     mos, mos], 1)                                   # composition copied; overall
+    columns = {"sharpness": mos,                                         # the overall copied
+               "color": np.array([r.attributes["color"] for r in recs]),  # the attribute itself
+               "noise": np.full(len(recs), 3.0),                          # constant
+               "composition": mos, "overall": mos}                        # copied; overall
+    pred = np.stack([columns[a] for a in mgiqa.ATTRIBUTES], 1)
     out = demo.heldout_srcc(pred, recs)
     assert out["overall"] == pytest.approx(1.0)
     assert out["sharpness"] == pytest.approx(1.0) and out["color"] == pytest.approx(1.0)  # within family both are perfect
     # over all ten images the copy falls to 2/9 (worked by hand: Pearson of average ranks 12 / sqrt(40.5 * 72))
     assert out["all_images"]["sharpness"] == pytest.approx(2 / 9) and out["all_images"]["color"] == pytest.approx(1.0)
     assert math.isnan(out["noise"])  # a constant answer has no rank correlation
-    assert out["overall_as_attribute"] == pytest.approx(dict.fromkeys(mgiqa.ATTRIBUTES[:-1], 1.0))
+    assert out["overall_as_attribute"] == pytest.approx(dict.fromkeys(mgiqa.LABELLED, 1.0))
 
 
 def test_precomputed_vision_indices_give_the_same_features():
@@ -266,9 +269,12 @@ def test_overall_difference_is_paired_with_a_bootstrap_interval():
 
 
 def test_mean_is_the_five_with_a_constant_answer_as_zero():
-    m = dict(zip(mgiqa.ATTRIBUTES, (0.9, 0.8, math.nan, 0.7, 0.6)))
-    assert demo.mean_srcc(m) == pytest.approx((0.9 + 0.8 + 0.7 + 0.6) / 5)
-    assert demo.overall_only((1.0, 2.0, 3.0, 4.0, 0.5)) == (0.0, 0.0, 0.0, 0.0, 0.5)
+    values = [0.9 - 0.1 * k for k in range(len(mgiqa.ATTRIBUTES))]
+    m = dict(zip(mgiqa.ATTRIBUTES, values)) | {"noise": math.nan}
+    kept = sum(values) - values[mgiqa.ATTRIBUTES.index("noise")]
+    assert demo.mean_srcc(m) == pytest.approx(kept / len(mgiqa.ATTRIBUTES))
+    weights = [1.0 + k for k in range(len(mgiqa.ATTRIBUTES) - 1)] + [0.5]
+    assert demo.overall_only(weights) == (0.0,) * len(mgiqa.LABELLED) + (0.5,)
 
 
 def test_families_and_words_follow_mgiqa_by_name():
@@ -278,3 +284,18 @@ def test_families_and_words_follow_mgiqa_by_name():
 
 def test_no_verdict_without_a_difference():
     assert demo.agrees_with_paper(math.nan) is None and demo.agrees_with_paper(0.0) is False
+
+
+def test_every_family_word_is_one_token_and_a_longer_one_is_named():
+    _, processor = mgiqa.load("demo", device="cpu")
+    think_end = processor.tokenizer.convert_tokens_to_ids("</think>")
+    for word in demo.WORDS:
+        assert demo.answer_ids(processor, word)[2] == think_end, word
+    with pytest.raises(ValueError, match="'overexposedness' is not one token"):
+        demo.answer_ids(processor, "overexposedness")
+
+
+def test_every_attribute_has_its_own_curve_colour():
+    colors = demo.curve_colors()
+    assert list(colors) == list(mgiqa.ATTRIBUTES)
+    assert len(set(colors.values())) == len(mgiqa.ATTRIBUTES) and colors["overall"] == "#000000"

@@ -25,7 +25,11 @@ from mgiqa import ATTRIBUTES, FAMILY_TO_ATTRIBUTE, LABELLED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = math.nan
-GOOD = '<think>ok</think><answer>{{"sharpness": {0}, "color": 3, "noise": 3, "composition": 3, "overall": {0}}}</answer>'
+# a valid answer, sharpness and overall {0}, the other scores 3
+GOOD = ("<think>ok</think><answer>{{"
+        + ", ".join(f'"{a}": ' + ("{0}" if a in ("sharpness", "overall") else "3")
+                    for a in ATTRIBUTES)
+        + "}}</answer>")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -127,7 +131,7 @@ def write_manifest(root, n=6, size=56, dataset="toy"):
     families = [None, "blur", "blur", "noise", "noise", "color", "composition"]
     with open(os.path.join(root, "manifest.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "mos", "sharpness", "color", "noise", "composition", "ref", "family", "level", "dataset", "split"])
+        w.writerow(["image", "mos", *LABELLED, "ref", "family", "level", "dataset", "split"])
         for i in range(n):
             name = f"im{i}.png"
             Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8")).save(os.path.join(root, name))
@@ -278,8 +282,9 @@ def test_within_family_srcc():
         attrs = {a: 5.0 - (0.8 * level if FAMILY_TO_ATTRIBUTE.get(fam) == a else 0) for a in LABELLED}
         recs.append(Record(f"i{i}", "s", "synthetic", mos=5 - level, attributes=attrs, family=fam, level=level))
         # sharpness predicted right inside blur+clean, but noisy images get a low sharpness score
-        rows.append({"dataset": "s", "image": f"i{i}", "sharpness": 4.5 - level if fam != "noise" else 1.0,
-                     "noise": 3.0 - (level if fam == "noise" else 0), "color": 3.0, "composition": 3.0, "overall": 3.0})
+        rows.append({"dataset": "s", "image": f"i{i}", **dict.fromkeys(ATTRIBUTES, 3.0),
+                     "sharpness": 4.5 - level if fam != "noise" else 1.0,
+                     "noise": 3.0 - (level if fam == "noise" else 0)})
     got = ev.attribute_srcc_within_family(rows, recs)
     assert got["sharpness"] == pytest.approx(1.0) and got["noise"] == pytest.approx(1.0)
     assert ev.srcc([r["sharpness"] for r in rows], [r.attributes["sharpness"] for r in recs]) < 0.9

@@ -1,4 +1,5 @@
 """The scorer: prompt, parsing, image loading, the offline models, load, score, token budgets and the CLI."""
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,21 @@ def test_prompt_names_every_attribute_scale_direction_and_layout():
         # keys appear in answer order in the example layout
         example = text[text.rindex("<answer>"):]
         assert [example.index(f'"{a}"') for a in ATTRIBUTES] == sorted(example.index(f'"{a}"') for a in ATTRIBUTES)
+
+
+# sha256 of the default prompts: the text the model reads (and the checkpoints learned) stays
+# byte for byte what it was before the prompt was built from ATTRIBUTES
+PROMPT_SHA256 = {True: "5667bdaf3d0900b5b855659b6ab278d4cd0c74edd63f415d3f996e290b689db1",
+                 False: "7637c7ffb4fbddceac66d115d4e35444114d5cc9426c131bae05e3641ab4303d"}
+
+
+def test_default_prompt_and_example_answer_are_unchanged():
+    assert mgiqa.EXAMPLE_ANSWER == GOOD
+    for thinking, digest in PROMPT_SHA256.items():
+        text = mgiqa.build_prompt(thinking)
+        assert text.startswith("You are an expert in image quality assessment. Rate this picture on "
+                               "four attributes and overall.\n- sharpness: ")
+        assert hashlib.sha256(text.encode()).hexdigest() == digest, thinking
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -328,10 +344,11 @@ def test_a_template_that_opens_the_think_block_still_parses():
     assert mgiqa.prompt_text(processor).endswith("<think>\n")
     opening = mgiqa.template_opening(processor)
     assert opening == "<think>\n"
-    answer = 'blurry edges</think><answer>{"sharpness": 2, "color": 5, "noise": 5, "composition": 5, "overall": 2}</answer>'
+    scores = {a: 2 if a in ("sharpness", "overall") else 5 for a in ATTRIBUTES}
+    answer = f"blurry edges</think><answer>{json.dumps(scores)}</answer>"
     ids = torch.tensor([processor.tokenizer(answer).input_ids + [151645]])
     [text] = mgiqa.decode_completions(processor, ids, [151645], opening)
-    assert mgiqa.parse_answer(text, strict=True) == {"sharpness": 2, "color": 5, "noise": 5, "composition": 5, "overall": 2}
+    assert mgiqa.parse_answer(text, strict=True) == scores
     [bare] = mgiqa.decode_completions(processor, ids, [151645])
     assert mgiqa.parse_answer(bare, strict=True) is None  # without the opening the format reward would be 0
 

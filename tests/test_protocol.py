@@ -28,7 +28,7 @@ from conftest import small_cfg
 from data import Record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-GOOD = '<answer>{"sharpness": 3, "color": 3, "noise": 3, "composition": 3, "overall": 3}</answer>'
+GOOD = "<answer>{" + ", ".join(f'"{a}": 3' for a in mgiqa.ATTRIBUTES) + "}</answer>"
 
 
 def write_rows(path, rows):

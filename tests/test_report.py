@@ -11,7 +11,7 @@ import evaluate as ev
 import report
 from conftest import assert_cards_match_rows, assert_self_contained, parse_report, strict_json_files
 from data import Record
-from mgiqa import ATTRIBUTES
+from mgiqa import ATTRIBUTES, LABELLED
 
 NAN = math.nan
 
@@ -82,7 +82,8 @@ def test_report_structure_scores_order_self_contained(tmp_path):
 
 def test_report_from_images_in_memory_and_ground_truth_ticks(tmp_path):
     images = {f"s{i}.png": np.full((84, 84, 3), 40 * i, np.uint8) for i in range(4)}
-    recs = [Record(name, "demo", "synthetic", mos=5.0 - i, attributes=dict.fromkeys(ATTRIBUTES[:-1], 5.0 - i),
+    recs = [Record(name, "demo", "synthetic", mos=5.0 - i,
+                   attributes=dict.fromkeys(LABELLED, 5.0 - i),
                    family=None if i == 0 else "noise", level=i) for i, name in enumerate(images)]
     rows = [ev.result_row(r, {**dict.fromkeys(ATTRIBUTES, 5.0 - i), "strict": True,
                               "completion": "<think>noisy</think><answer>{}</answer>"}, True) for i, r in enumerate(recs)]

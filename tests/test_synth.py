@@ -111,18 +111,19 @@ def hf(im):  # high-frequency energy of the gray image
 @pytest.mark.parametrize("photo", ["astronaut", "ihc"])
 def test_each_photo_family_grows_with_its_level(photo):
     rows = synth.photo_ladder(photo, size=64, seed=2)
-    assert set(rows) == set(synth.SYNTH_FAMILIES if photo not in SUBJECTLESS else synth.SYNTH_FAMILIES[:3])
+    assert set(rows) == set(synth.SYNTH_FAMILIES if photo not in SUBJECTLESS else synth.PIXEL_FAMILIES)
     clean = rows["blur"][0].astype(float)
     for fam, ims in rows.items():
         assert np.array_equal(ims[0], rows["blur"][0])  # level 0 of every row: the same clean crop
+        assert not np.array_equal(ims[1], ims[0]), fam  # level 1 of every family: distorted
     sharp = [hf(im) for im in rows["blur"]]
     assert all(b < a for a, b in zip(sharp, sharp[1:])), sharp
     noisy = [hf(im) for im in rows["noise"]]
     assert all(b > a for a, b in zip(noisy, noisy[1:])), noisy
     change = [np.abs(im.astype(float) - clean).mean() for im in rows["color"]]  # each level its own cast hue
     assert change[1] > 1.5 and min(change[2:]) > change[1], change  # level 1 visible, not only rounding
-    levels = np.zeros((6, 4), int)
-    levels[:, 1] = np.arange(6)
+    levels = np.zeros((6, len(synth.SYNTH_FAMILIES)), int)
+    levels[:, synth.COLUMN["color"]] = np.arange(6)
     x = np.repeat(clean.transpose(2, 0, 1)[None] / 255, 6, 0).astype(np.float32)
     for hue in np.linspace(0, 2 * np.pi, 5)[:-1]:  # with one hue, the change grows with the level
         cast = np.array(synth.PHOTO_CAST)[:, None] * np.cos(hue - np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]))
@@ -178,7 +179,8 @@ def test_cut_off_moves_subject_towards_border():
     sc = synth._scenes(rng, 1, 64)
     bg = np.clip(sc["bg"][0].transpose(1, 2, 0) * 255 + 0.5, 0, 255)
     offsets = synth._offsets(np.arange(6), rng)  # levels 0-5, each in a random axis direction
-    images = synth._distort(synth._render(sc, np.zeros(6, int), offsets), np.zeros((6, 4), int), rng)
+    images = synth._distort(synth._render(sc, np.zeros(6, int), offsets), np.zeros((6, len(synth.SYNTH_FAMILIES)), int),
+                             rng)
     distance, area = [], []
     for im in images:
         ys, xs = np.nonzero(np.abs(im.astype(float) - bg).sum(-1) > 30)  # the subject, measured from pixels
@@ -200,3 +202,14 @@ def test_procedural_cast_changes_only_the_colour_family():
     strong = np.array([r.family == "color" and r.level >= 4 for r in recs])
     balance = lambda x: np.abs(x.astype(float).mean((1, 2)) - x.astype(float).mean((1, 2, 3))[:, None]).mean()  # noqa: E731
     assert strong.sum() >= 5 and balance(cast[strong]) > 3 * balance(plain[strong])
+
+
+def test_a_family_without_a_distortion_or_an_attribute_is_named(monkeypatch):
+    monkeypatch.setattr(synth, "SYNTH_FAMILIES", (*synth.SYNTH_FAMILIES, "exposure"))
+    monkeypatch.setattr(synth, "PIXEL_FAMILIES", (*synth.PIXEL_FAMILIES, "exposure"))
+    monkeypatch.setattr(synth, "SYNTH_ATTRIBUTES", (*synth.SYNTH_ATTRIBUTES, "exposure"))
+    with pytest.raises(ValueError, match="'exposure' has LEVELS but no distortion"):
+        synth._check_families()
+    monkeypatch.setattr(synth, "SYNTH_ATTRIBUTES", (*synth.SYNTH_ATTRIBUTES[:-1], None))
+    with pytest.raises(ValueError, match="'exposure' has no attribute"):
+        synth._check_families()

@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import mgiqa  # noqa: E402
 import tiny  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -206,11 +207,10 @@ def test_save_roundtrip(built, name, tmp_path):
 
 # ----------------------------------------------------------------------------- in-process tokenizer models
 
-PROMPTS = ("Rate sharpness, color, noise, composition and overall. <think> ... </think><answer>"
-           '{"sharpness": 4.10, "color": 3.80, "noise": 4.50, "composition": 3.20, "overall": 3.90}</answer>',
-           "Rate sharpness, color, noise, composition and overall. <answer>"
-           '{"sharpness": 4.10, "color": 3.80, "noise": 4.50, "composition": 3.20, "overall": 3.90}</answer>')
-KEYS = ("sharpness", "color", "noise", "composition", "overall")
+RATE = f"Rate {', '.join(mgiqa.LABELLED)} and overall."
+PROMPTS = (f"{RATE} <think> ... </think><answer>{mgiqa.EXAMPLE_ANSWER}</answer>",
+           f"{RATE} <answer>{mgiqa.EXAMPLE_ANSWER}</answer>")
+KEYS = mgiqa.ATTRIBUTES
 
 
 def test_in_process_demo_model_is_deterministic_and_short():
