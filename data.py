@@ -55,6 +55,11 @@ class Record:
     level: int | None = None
     extra: dict = field(default_factory=dict)
 
+    @property
+    def clean(self) -> bool:
+        """The undistorted image of its reference: it counts as the best of every family."""
+        return self.family is None and self.level == 0
+
 
 # ----------------------------------------------------------------------------- annotation files
 # As their publishers ship them: CSV, .xlsx (any sheet, header below a title), .mat; every error
@@ -871,7 +876,7 @@ class Sampler:
             # a family drawn in proportion to its images; its images and the clean ones first
             family = next((recs[i].family for i in members if recs[i].family), None)
             first = [i for i in members if recs[i].family == family
-                     or (recs[i].family is None and recs[i].level == 0)]
+                     or recs[i].clean]
             chosen += (first + [i for i in members if i not in first])[:take]
         rest = np.setdiff1d(np.arange(len(recs)), chosen)
         size = min(self.batch_size - len(chosen), len(rest))

@@ -912,7 +912,8 @@ def quiet(*args, **kwargs) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="The CPU demo: distorted photo crops, warm-up, GRPO, held-out evaluation and report.")
+    ap = argparse.ArgumentParser(description="The CPU demo: distorted scenes, warm-up, GRPO, "
+                                             "held-out evaluation and report.")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data draw (default 0)")
     ap.add_argument("--ablation", action="store_true",

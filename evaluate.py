@@ -228,8 +228,7 @@ def attribute_srcc_within_family(rows, records) -> dict[str, float]:
     recs, out = match(rows, records), {}
     for a in LABELLED:
         pairs = [(row[a], label(rec, a)) for row, rec in zip(rows, recs)
-                 if FAMILY_TO_ATTRIBUTE.get(rec.family) == a
-                 or (rec.family is None and rec.level == 0)]
+                 if FAMILY_TO_ATTRIBUTE.get(rec.family) == a or rec.clean]
         x, y, _ = finite_pairs([p for p, _ in pairs], [g for _, g in pairs])
         out[a] = srcc(x, y) if x.size >= 3 else math.nan
     return out

@@ -258,7 +258,7 @@ def card(i: int, row: dict, rec, scales: dict, err: float, rank_p: float, rank_m
     else:
         rank = "no MOS"
     why = reasoning_text(row.get("completion", "")) or "(no reasoning given)"
-    where = "" if rec is None else " · clean" if rec.family is None and rec.level == 0 else \
+    where = "" if rec is None else " · clean" if rec.clean else \
         f" · {rec.family} level {rec.level}" if rec.family and rec.level else f" · {rec.family}" if rec.family else ""
     return (f'<figure class="card{"" if parsed else " unparsed"}" data-index="{i}" data-image="{esc(row["image"])}" '
             f'data-err="{err if math.isfinite(err) else (2 if not parsed else -1)}" data-overall="{row["overall"]!r}" '

@@ -60,7 +60,7 @@ def preferences(records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     level = torch.tensor([math.nan if r.level is None else float(r.level) for r in records],
                          dtype=torch.float64)
     by_level, _ = preference_matrix(-level)                                     # lower is better
-    clean = torch.tensor([r.level == 0 and r.family is None for r in records])
+    clean = torch.tensor([r.clean for r in records])
     for name in LABELLED:
         a = ATTRIBUTES.index(name)
         ok = clean | torch.tensor([FAMILY_TO_ATTRIBUTE.get(r.family) == name and r.level is not None

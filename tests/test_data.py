@@ -586,3 +586,11 @@ def test_every_command_line_option_has_help():
     assert subparsers.help and set(subparsers.choices) == {"summary", "freeze"}
     for name, sub in subparsers.choices.items():
         assert all(a.help for a in sub._actions if a.dest != "help"), name
+
+
+def test_record_clean_is_the_undistorted_image_of_a_reference():
+    def record(**kw):
+        return data.Record(image="x.png", dataset="d", domain="synthetic", **kw)
+    assert record(family=None, level=0).clean
+    assert not record(family="blur", level=1).clean
+    assert not record(family=None, level=None).clean  # an authentic photo: no reference, no level
