@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -860,16 +859,15 @@ def print_table(summary: dict, log=print) -> None:
                 log(f"{name + f' ({tag})':14s} " + cells)
 
 
-# ----------------------------------------------------------------------------- one step, explained
+# ----------------------------------------------------------------------------- the step explained's model
 
-EXPLAIN_DEFAULTS = dict(model="demo", full=True, batch_size=2, num_generations=4, max_new_tokens=20,
-                        lr=1e-4, gamma=0.05, seed=0)  # grpo.py's flags, unless given
 EXPLAIN_FORMAT_STEPS = 300  # answer-layout steps: then 49 of 64 sampled answers were strict
 
 
 def explain_model(seed: int = 0, format_steps: int = EXPLAIN_FORMAT_STEPS):
     """This demo's model after format_steps of its answer-layout warm-up (no probe, no quality
-    label: the K answers are well-formed and differ), its processor and 400 procedural scenes."""
+    label: its K answers are well formed and differ), its processor and 400 procedural scenes:
+    what `python grpo.py --explain` steps from (assets/explain-model, written by write_explain_model)."""
     cfg = DemoConfig(seed=seed, n_train=400, n_heldout=8, format_steps=format_steps)
     model, processor, scenes = untrained(cfg, log=quiet)
     scenes.cache_features(model)  # the tower stays as built: its output is computed once per image
@@ -878,33 +876,12 @@ def explain_model(seed: int = 0, format_steps: int = EXPLAIN_FORMAT_STEPS):
     return model, processor, scenes
 
 
-def explain_config(argv) -> grpo.Config:
-    """grpo.py's flags, EXPLAIN_DEFAULTS for every one not given."""
-    args = grpo.build_parser().parse_args(argv)
-    given = grpo.given_flags(argv)
-    cfg = grpo.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(grpo.Config)})
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in EXPLAIN_DEFAULTS.items() if k not in given})
-    grpo.check_config(cfg)
-    return cfg
-
-
-def explain(model, processor, scenes, cfg: grpo.Config, log=print, record: bool = True) -> dict:
-    """grpo.explain_step on the scenes' training images (domain-pure batches, as in training)."""
-    sampler = data.Sampler({scenes.train[0].dataset: scenes.train}, cfg.batch_size, seed=cfg.seed)
-
-    def prompts_of(records):
-        return scenes.prompts(model, processor, scenes.indices(records))
-
-    return grpo.explain_step(cfg, model, processor, sampler, prompts_of, log=log, record=record)
-
-
-def explain_main(argv) -> int:
-    """python demo.py --explain [grpo.py's flags, e.g. -K 2 --beta 0 --credit attribute]."""
-    cfg = explain_config(argv)
-    threads = grpo.build_parser().parse_args(argv).threads
-    torch.set_num_threads(threads or 2)  # the same thread count, the same sums: the same output
-    explain(*explain_model(cfg.seed), cfg)
-    return 0
+def write_explain_model(folder: str) -> None:
+    """python demo.py --write-explain-model assets/explain-model (about 20 s)."""
+    model, processor, _ = explain_model()
+    model.generation_config = mgiqa.plain_generation_config(model)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def quiet(*args, **kwargs) -> None:
@@ -922,13 +899,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--source", choices=("photos", "procedural"), default=DemoConfig.source,
                     help="scenes: procedural waves (default), or crops of the seven photographs in assets/photos")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
-    ap.add_argument("--explain", action="store_true",
-                    help="instead: ONE GRPO step of a briefly warmed-up model, every quantity of "
-                         "the paper's formulas printed (< 1 min); the flags after it are grpo.py's")
+    ap.add_argument("--write-explain-model", default=None, metavar="DIR",
+                    help="instead: write the model `python grpo.py --explain` steps from (the "
+                         "answer-layout warm-up only) to DIR, e.g. assets/explain-model")
     return ap.parse_args(argv)
 
 
 if __name__ == "__main__":
-    if "--explain" in sys.argv[1:]:  # the step explained takes grpo.py's flags
-        sys.exit(explain_main([a for a in sys.argv[1:] if a != "--explain"]))
-    sys.exit(main(parse_args()))
+    ARGS = parse_args()
+    if ARGS.write_explain_model:
+        torch.set_num_threads(ARGS.threads or 2)
+        sys.exit(write_explain_model(ARGS.write_explain_model))
+    sys.exit(main(ARGS))

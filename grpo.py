@@ -772,11 +772,16 @@ def held_out_eval(cfg: Config, processor, heldout):
 
 
 # ----------------------------------------------------------------------------- one step, explained
-# `python demo.py --explain [-K 2] [--beta 0] [--credit attribute] ...` runs explain_step on the
-# demo's tiny model after a short answer-layout warm-up: one real grpo_step, printed quantity by
-# quantity in the order of docs/METHOD.md, its equation numbers in brackets. The values printed
-# are the step's own: `recording` wraps the functions grpo_step calls and keeps what they saw.
+# `python grpo.py --explain [-K 2] [--beta 0] [--credit attribute] ...` runs explain_step: one real
+# grpo_step of the demo's tiny model after its answer-layout warm-up (assets/explain-model, written
+# by `python demo.py --write-explain-model assets/explain-model`), on procedural scenes, printed
+# quantity by quantity in the order of docs/METHOD.md, its equation numbers in brackets. The values
+# printed are the step's own: `recording` wraps the functions grpo_step calls, keeping what
+# they saw.
 
+EXPLAIN_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "explain-model")
+EXPLAIN_DEFAULTS = dict(model=EXPLAIN_MODEL, full=True, batch_size=2, num_generations=4,
+                        max_new_tokens=20, lr=1e-4, gamma=0.05, seed=0)  # unless a flag is given
 EXPLAIN_QUIET_STEPS = 2  # GRPO steps before the shown one: the policy has left the reference
 
 
@@ -932,6 +937,43 @@ def _abbreviated(text: str) -> str:
     return re.sub(r"(<\|[a-z_]+\|>)\1{2,}", counted, text)
 
 
+def explain_config(argv) -> Config:
+    """grpo.py's flags, EXPLAIN_DEFAULTS for every one not given."""
+    args = build_parser().parse_args(argv)
+    given = given_flags(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in EXPLAIN_DEFAULTS.items() if k not in given})
+    check_config(cfg)
+    return cfg
+
+
+def explain_inputs(cfg: Config):
+    """(model, processor, sampler, prompts_of) of the step explained: cfg.model (by default the
+    warmed-up assets/explain-model) and 400 procedural scenes in domain-pure batches."""
+    import synth  # procedural scenes, as the demo's: imported only here
+    from PIL import Image
+
+    torch.manual_seed(cfg.seed)
+    model, processor = mgiqa.load(cfg.model, device="cpu", dtype="float32", seed=cfg.seed)
+    images, records = synth.synthesize(400, 84, cfg.seed, per_ref=5, heldout_frac=0.0)
+    pixels = {r.image: image for r, image in zip(records, images)}
+
+    def prompts_of(batch_records):
+        scenes = [Image.fromarray(pixels[r.image]) for r in batch_records]
+        return rollouts.encode_prompts(model, processor, scenes, mgiqa.prompt_text(processor))
+
+    sampler = data.Sampler({records[0].dataset: records}, cfg.batch_size, seed=cfg.seed)
+    return model, processor, sampler, prompts_of
+
+
+def explain_main(argv) -> int:
+    """python grpo.py --explain [flags]."""
+    cfg = explain_config(argv)
+    torch.set_num_threads(build_parser().parse_args(argv).threads or 2)  # same threads, same sums
+    explain_step(cfg, *explain_inputs(cfg))
+    return 0
+
+
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -965,6 +1007,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LoRA: after training, also write the merged transformers checkpoint "
                           "here")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--explain", action="store_true",
+                     help="instead of training: ONE step of a small warmed-up model, every "
+                          "quantity of the paper's formulas printed (offline, seconds); other "
+                          "flags change that step")
     return ap
 
 
@@ -1048,6 +1094,9 @@ def process_seed(seed: int, rank: int) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.explain:
+        given = sys.argv[1:] if argv is None else argv
+        return explain_main([a for a in given if a != "--explain"])
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args, given_flags(argv))

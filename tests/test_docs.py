@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 ENTRY_POINTS = ("grpo", "evaluate", "mgiqa", "demo", "data", "reward", "synth", "tiny", "scripts/bench.py",
-                "scripts/gpu_check.py")
+                "scripts/gpu_check.py", "scripts/fit.py", "scripts/probe.py")
 
 
 def tracked_files():
