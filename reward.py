@@ -52,7 +52,8 @@ def preferences(records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     labels = torch.tensor([[r.mos if a == "overall" else r.attributes.get(a, math.nan)
                             for a in ATTRIBUTES] for r in records], dtype=torch.float64)  # (B, A)
     pairs = [preference_matrix(labels[:, a]) for a in range(len(ATTRIBUTES))]
-    P, M = map(torch.stack, zip(*pairs))                                        # (A, B, B)
+    P = torch.stack([p for p, _ in pairs])                                      # (A, B, B)
+    M = torch.stack([m for _, m in pairs])                                      # (A, B, B)
     B = len(records)
     refs = [r.ref or "" for r in records]
     same_ref = torch.tensor([[bool(x) and x == y for y in refs] for x in refs])
@@ -84,9 +85,12 @@ def group_stats(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def thurstone_probability(s, mu, var, gamma: float = 1e-6) -> torch.Tensor:
     """p_hat[i, j, k] = Phi((s[i, k] - mu[j]) / sqrt(var[i] + var[j] + gamma))."""
-    spread = torch.sqrt(var[..., :, None, None] + var[..., None, :, None] + gamma)
-    z = (s[..., :, None, :] - mu[..., None, :, None]) / spread
-    return torch.special.ndtr(z)                                           # (..., B, B, K)
+    s_ik = s[..., :, None, :]                # (..., B, 1, K): rollout k of image i
+    mu_j = mu[..., None, :, None]            # (..., 1, B, 1): the other image's mean
+    var_i = var[..., :, None, None]          # (..., B, 1, 1)
+    var_j = var[..., None, :, None]          # (..., 1, B, 1)
+    z = (s_ik - mu_j) / torch.sqrt(var_i + var_j + gamma)
+    return torch.special.ndtr(z)             # (..., B, B, K)
 
 
 def fidelity(P, p_hat, eps: float = 1e-6) -> torch.Tensor:
@@ -295,7 +299,8 @@ def main(argv=None) -> int:
     rng = random.Random(0)
     completions = [_random_completion(rng) for _ in range(args.B * args.K)]
     pairs = [preference_matrix(torch.rand(args.B) * 4 + 1) for _ in ATTRIBUTES]
-    P, M = map(torch.stack, zip(*pairs))
+    P = torch.stack([p for p, _ in pairs])
+    M = torch.stack([m for _, m in pairs])
     times = []
     for _ in range(args.repeats + 2):
         t0 = time.perf_counter()
