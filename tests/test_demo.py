@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # .73, and 300 GRPO steps left every answer constant), then 120 GRPO steps instead of 450 (the cosine
 # learning-rate schedule is compressed into these 120; the full runs' held-out attribute mean is
 # already .8-.9 at step 75-150, docs/DEMO_NOTES.md).
-REDUCED = {"grpo_steps": 120, "eval_every": 60, "source": "procedural", "probe_steps": 900, "format_steps": 600}
+REDUCED = {"grpo_steps": 90, "eval_every": 45, "source": "procedural", "probe_steps": 700, "format_steps": 600}
 
 
 @contextlib.contextmanager
