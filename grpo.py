@@ -941,7 +941,7 @@ def explain_config(argv) -> Config:
     """grpo.py's flags, EXPLAIN_DEFAULTS for every one not given."""
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    cfg = flagged_config(args)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in EXPLAIN_DEFAULTS.items() if k not in given})
     check_config(cfg)
     return cfg
@@ -1026,12 +1026,16 @@ def given_flags(argv=None) -> set[str]:
     return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
 
 
+def flagged_config(args) -> Config:
+    """The Config the parsed command line writes, field by field."""
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
 def config_from_args(args, given: set[str] = frozenset()) -> Config:
     """The run's settings: the flags, or with --resume the run's config.json, where the flags in
     `given` (given_flags) may change only RESUME_MAY_CHANGE. A --out that holds a run is refused
     without --resume: nothing is resumed by surprise."""
-    names = [f.name for f in dataclasses.fields(Config)]
-    cfg = Config(**{k: getattr(args, k) for k in names})
+    cfg = flagged_config(args)
     if args.resume:
         cfg = resumed_config(args.resume, cfg, given)
     elif checkpoints(cfg.out) or (Path(cfg.out) / "config.json").is_file():
