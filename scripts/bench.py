@@ -12,9 +12,15 @@ count, on one fixed synthetic batch (random images, random labels), LoRA as grpo
 completion forced to exactly --new-tokens tokens; one warm-up step, then --steps timed steps of
 grpo.grpo_step. Prints one JSON line per path (path, sec_per_step, gen_s, reward_s, update_s,
 peak_mem_mib: RSS high-water mark on CPU, torch.cuda.max_memory_allocated on GPU), then
-{"ratio": shared sec_per_step / plain sec_per_step}.
+{"ratio": shared sec_per_step / plain sec_per_step}. fused-decoding: the shared path with torch's
+fused attention kernel for the one-token decoding steps on the CPU instead of the math kernel
+(rollouts.one_query_attention); its line is followed by {"decoding_ratio": shared gen_s /
+fused-decoding gen_s}. The demo's shape:
+
+    python scripts/bench.py --model demo --image-size 84 -B 16 -K 8 --new-tokens 20 --steps 10
 """
 import argparse
+import contextlib
 import os
 import json
 import resource
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
-PATHS = ("shared", "plain")
+PATHS = ("shared", "plain", "fused-decoding")
 
 
 def run_path(args) -> dict:
@@ -40,8 +46,10 @@ def run_path(args) -> dict:
     from reward import preference_matrix
 
     torch.set_num_threads(args.threads)
+    if args.path == "fused-decoding":  # the kernel torch picks by itself, in the decoding steps too
+        rollouts.one_query_attention = lambda device: contextlib.nullcontext()
     cfg = grpo.Config(model=args.model, batch_size=args.batch_size, num_generations=args.num_generations,
-                      max_new_tokens=args.new_tokens, force_length=True, shared_prefix=args.path == "shared",
+                      max_new_tokens=args.new_tokens, force_length=True, shared_prefix=args.path != "plain",
                       device=args.device, seed=0)
     torch.manual_seed(0)
     model, processor, ref = grpo.build_model(cfg)
@@ -106,6 +114,7 @@ def main(argv=None):
         results[path] = json.loads(lines[-1])
         print(lines[-1], flush=True)
     print(json.dumps({"ratio": round(results["shared"]["sec_per_step"] / results["plain"]["sec_per_step"], 3)}))
+    print(json.dumps({"decoding_ratio": round(results["shared"]["gen_s"] / results["fused-decoding"]["gen_s"], 3)}))
     return 0
 
 
