@@ -223,9 +223,9 @@ def _decode(model, last, cache, attn, next_position, *, max_new_tokens, eos_ids,
 
 
 def one_query_attention(device):
-    """The attention kernel for one new token per row: on the CPU, torch's plain (math) one, which
-    for a single query took 0.4-0.6 of the fused kernel's time (the demo's sampling step: 0.115 s
-    against 0.133-0.145 s, scripts/bench.py); elsewhere torch's own choice."""
+    """The attention kernel for one new token per row: on the CPU, torch's plain (math) one, which is
+    faster for a single query (the demo's sampling, both kernels alternating in one process: 0.115 s
+    a step against 0.133-0.145 s; scripts/bench.py's decoding_ratio); elsewhere torch's own choice."""
     if device.type != "cpu":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -256,13 +256,42 @@ def logprobs_shared(model, p: Prompts, ids, mask, *, K, temperature=1.0, banned=
 
 def hidden_shared(model, p: Prompts, ids, mask, *, K):
     """As hidden_plain, with image i's row packed as [prompt, completion 1, ..., completion K] and a block
-    mask that lets completion k attend to the prompt and to itself only (as if alone after it)."""
+    mask that lets completion k attend to the prompt and to itself only (as if alone after it). The
+    first S prompt tokens, when every row has them alike (shared_instruction), run once for the batch:
+    their KV cache, with its graph, is expanded to the B rows."""
+    from transformers import DynamicCache
+
     (B, Tp), T = p.input_ids.shape, ids.shape[1]
     packed = torch.cat([p.input_ids, ids.reshape(B, K * T)], dim=1)                               # (B, Tp + K*T)
     pos = torch.cat([p.positions, completion_positions(p.next_position, T).repeat(1, 1, K)], dim=2)
-    h = lm_hidden(model, packed, block_mask(p.attention_mask, mask.reshape(B, K, T)), pos, image_features(model, p))
-    last = h[:, Tp - 1, None, None].expand(B, K, 1, h.shape[-1])                                 # predicts token 0
-    return torch.cat([last, h[:, Tp:].view(B, K, T, -1)[:, :, :-1]], dim=2).reshape(B * K, T, -1)
+    attn = block_mask(p.attention_mask, mask.reshape(B, K, T))                                   # (B, 1, L, L)
+    S, cache = shared_instruction(model, p), None
+    if S:
+        cache = DynamicCache(config=model.config.get_text_config())
+        lm_hidden(model, packed[:1, :S], attn[:1, :, :S, :S], pos[:, :1, :S], None, cache)
+        cache.batch_repeat_interleave(B)
+    h = lm_hidden(model, packed[:, S:], attn[:, :, S:], pos[:, :, S:], image_features(model, p), cache)
+    last = h[:, Tp - S - 1, None, None].expand(B, K, 1, h.shape[-1])                             # predicts token 0
+    return torch.cat([last, h[:, Tp - S:].view(B, K, T, -1)[:, :, :-1]], dim=2).reshape(B * K, T, -1)
+
+
+def shared_instruction(model, p: Prompts) -> int:
+    """How many leading prompt tokens, before the first image token, every row has alike and
+    unpadded (images of one size under one prompt text: the demo's 74 of 89 prompt tokens; its
+    training forward and backward then took 0.76-0.90 of the time, both ways alternating in one
+    process; scripts/bench.py's instruction_ratio). 0 for one row, for left-padded
+    rows, under gradient checkpointing (transformers drops a KV cache there) and under FSDP2 (a
+    layer run twice in one forward: not exercised by this project's tests)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    ids, keep = p.input_ids, p.attention_mask.bool()
+    layers = model.model.language_model.layers
+    if ids.shape[0] < 2 or model.is_activation_checkpointing or isinstance(layers[0], FSDPModule):
+        return 0
+    alike = ((ids == ids[:1]) & keep).all(0).int().cumprod(0)                                 # 1 while every row agrees
+    images = (ids[0] == model.config.image_token_id).nonzero()
+    before = int(images[0]) - 1 if len(images) else ids.shape[1]  # <|vision_start|> stays with its image
+    return max(0, min(int(alike.sum()), before))
 
 
 def completion_positions(next_position, T):

@@ -11,11 +11,14 @@ Each path runs in its own subprocess (peak memory is per process) with the same 
 count, on one fixed synthetic batch (random images, random labels), LoRA as grpo's defaults, every
 completion forced to exactly --new-tokens tokens; one warm-up step, then --steps timed steps of
 grpo.grpo_step. Prints one JSON line per path (path, sec_per_step, gen_s, reward_s, update_s,
-peak_mem_mib: RSS high-water mark on CPU, torch.cuda.max_memory_allocated on GPU), then
+peak_mem_mib: RSS high-water mark on CPU, torch.cuda.max_memory_allocated on GPU; times are medians over
+the steps: this machine's speed drifts by 20% within a minute), then
 {"ratio": shared sec_per_step / plain sec_per_step}. fused-decoding: the shared path with torch's
 fused attention kernel for the one-token decoding steps on the CPU instead of the math kernel
 (rollouts.one_query_attention); its line is followed by {"decoding_ratio": shared gen_s /
-fused-decoding gen_s}. The demo's shape:
+fused-decoding gen_s}. whole-prompt: the shared path with every row's instruction run in its own row
+(rollouts.shared_instruction 0); then {"instruction_ratio": shared update_s / whole-prompt update_s}.
+The demo's shape:
 
     python scripts/bench.py --model demo --image-size 84 -B 16 -K 8 --new-tokens 20 --steps 10
 """
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
-PATHS = ("shared", "plain", "fused-decoding")
+PATHS = ("shared", "plain", "fused-decoding", "whole-prompt")
 
 
 def run_path(args) -> dict:
@@ -48,6 +51,8 @@ def run_path(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.path == "fused-decoding":  # the kernel torch picks by itself, in the decoding steps too
         rollouts.one_query_attention = lambda device: contextlib.nullcontext()
+    if args.path == "whole-prompt":  # the instruction before the image run in every row
+        rollouts.shared_instruction = lambda model, p: 0
     cfg = grpo.Config(model=args.model, batch_size=args.batch_size, num_generations=args.num_generations,
                       max_new_tokens=args.new_tokens, force_length=True, shared_prefix=args.path != "plain",
                       device=args.device, seed=0)
@@ -80,8 +85,8 @@ def run_path(args) -> dict:
             for k in parts:
                 parts[k].append(stats[k])
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"path": args.path, "sec_per_step": round(float(np.mean(times)), 3),
-            **{k: round(float(np.mean(v)), 3) for k, v in parts.items()}, "peak_mem_mib": round(peak, 1),
+    return {"path": args.path, "sec_per_step": round(float(np.median(times)), 3),
+            **{k: round(float(np.median(v)), 3) for k, v in parts.items()}, "peak_mem_mib": round(peak, 1),
             "device": "cuda" if cuda else f"cpu x{args.threads} threads", "steps": args.steps}
 
 
@@ -115,6 +120,7 @@ def main(argv=None):
         print(lines[-1], flush=True)
     print(json.dumps({"ratio": round(results["shared"]["sec_per_step"] / results["plain"]["sec_per_step"], 3)}))
     print(json.dumps({"decoding_ratio": round(results["shared"]["gen_s"] / results["fused-decoding"]["gen_s"], 3)}))
+    print(json.dumps({"instruction_ratio": round(results["shared"]["update_s"] / results["whole-prompt"]["update_s"], 3)}))
     return 0
 
 

@@ -230,6 +230,44 @@ def language_model_tokens(model):
     return seen
 
 
+@pytest.mark.parametrize("mode", ["full", "lora_vision"])
+def test_shared_instruction_runs_once_with_the_plain_paths_logprobs_and_gradients(fresh, mode):
+    """Images of one size under one prompt: the instruction before the image is alike in every row and
+    runs once for the batch (tokens through the language model S + B (Tp - S + K T)); the log-probs
+    and the gradient on every trainable weight equal the plain path's. Rows with left padding, or
+    under gradient checkpointing, share nothing."""
+    model, processor = fresh
+    if mode == "full":
+        model.requires_grad_(True)
+    else:
+        lora.add_lora(model, rank=4, alpha=8, vision=True)
+        randomize_lora(model)
+    images, K, T = random_images(3, sizes=((56, 84),)), 3, 8
+    tok = tokens_of(model, processor)
+    p, ids, _ = sample(model, processor, images, K, T=T, force_length=True)
+    ids = cut_row(ids, 4, 3, tok.eos[0], tok.pad)
+    mask = rollouts.completion_mask(ids, tok.eos)
+    (B, Tp), S = p.input_ids.shape, rollouts.shared_instruction(model, p)
+    vision_start = int((p.input_ids[0] == model.config.vision_start_token_id).nonzero()[0])
+    assert S == vision_start > 0  # everything before the image
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(0))
+    model.train()
+    counted, out = language_model_tokens(model), {}
+    for shared in (True, False):
+        model.zero_grad(set_to_none=True)
+        counted.clear()
+        logp, _ = logprobs(model, p, ids, mask, K, shared, banned=tok.banned)
+        (logp * weights * mask).sum().backward()
+        out[shared] = (logp.detach(), grads(model), sum(counted))
+    assert out[True][2] == S + B * (Tp - S + K * T) and out[False][2] == B * K * (Tp + T)
+    assert (out[True][0] - out[False][0])[mask.bool()].abs().max() < 1e-5
+    assert_close_grads(out[True][1], out[False][1])
+    padded, _, _ = sample(model, processor, random_images(2), K, T=T, force_length=True)
+    assert rollouts.shared_instruction(model, padded) == 0
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert rollouts.shared_instruction(model, p) == 0
+
+
 def test_shared_prefix_with_gradient_checkpointing_shares_the_prompt(monkeypatch):
     """grpo.build_model with --gradient-checkpointing: the training forward still packs each prompt
     once with its K completions (tokens through the language model: B (Tp + K T), not B K (Tp + T)),
