@@ -1,6 +1,6 @@
 """The CPU demo: a tiny VLM learns to assess image quality, attribute by attribute, with GRPO.
 
-    python demo.py --out runs/demo                 # data, warm-up, GRPO, evaluation (~5 min, 2 cores)
+    python demo.py --out runs/demo                 # data, warm-up, GRPO, evaluation (~4.5 min, 2 cores)
     python demo.py --ablation --out runs/demo      # overall-only reward from the same warm-up
     python demo.py --source photos                 # crops of photographs instead of procedural scenes
 
@@ -676,6 +676,11 @@ def verdict(agrees: bool | None) -> str:
     return {True: "agrees with", False: "does not agree with"}.get(agrees, "cannot be held against")
 
 
+def within(d: dict) -> str:
+    """What the interval adds to the direction: whether it holds 0."""
+    return ", but its 95% interval contains 0" if d["low"] <= 0 <= d["high"] else ""
+
+
 def comparison_html(summary: dict) -> str:
     """The report's opening: the paper's comparison, this run's overall SRCC with and without the
     attribute rewards (after --ablation), beside the paper's."""
@@ -692,7 +697,7 @@ def comparison_html(summary: dict) -> str:
              f"<td>{PAPER['without']:.3f}</td><td>{PAPER['with'] - PAPER['without']:+.3f}</td></tr>")
     return (head + "<div class=scroll><table><tr><th></th><th>overall SRCC with attribute rewards</th>"
             "<th>without (overall-only reward)</th><th>difference [95% bootstrap interval]</th></tr>"
-            f"{this}{paper}</table></div><p>This run {verdict(d['agrees_with_paper'])} the paper's direction. "
+            f"{this}{paper}</table></div><p>This run {verdict(d['agrees_with_paper'])} the paper's direction{within(d)}. "
             "Everything but the reward weights was the same in the two runs (summary.json, \"settings\"); "
             "the ablation's attribute scores were not rewarded, so they are not compared.</p>")
 
@@ -861,7 +866,7 @@ def print_table(summary: dict, log=print) -> None:
     if d:
         log(f"overall SRCC with - without the attribute rewards: {d['diff']:+.3f} (95% bootstrap "
             f"interval {d['low']:+.3f} to {d['high']:+.3f}, {d['n']} held-out images); "
-            f"{verdict(d['agrees_with_paper'])} the paper's direction (.798 -> .779 without)")
+            f"{verdict(d['agrees_with_paper'])} the paper's direction (.798 -> .779 without){within(d)}")
     log("(all): attributes over all held-out images; (ov): the overall digit in each attribute's place, within family")
     for key, tag in (("all_images", "all"), ("overall_as_attribute", "ov")):
         for name in ("warmup", "final"):

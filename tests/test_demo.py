@@ -299,3 +299,14 @@ def test_every_attribute_has_its_own_curve_colour():
     colors = demo.curve_colors()
     assert list(colors) == list(mgiqa.ATTRIBUTES)
     assert len(set(colors.values())) == len(mgiqa.ATTRIBUTES) and colors["overall"] == "#000000"
+
+
+def test_comparison_says_when_the_interval_holds_zero():
+    """The report's verdict: the direction of the paired difference, and whether its interval holds 0."""
+    def summary(low, high):
+        d = {"n": 240, "srcc_a": 0.848, "srcc_b": 0.843, "diff": 0.004, "low": low, "high": high,
+             "agrees_with_paper": True}
+        return {"config": {"seed": 0}, "ablation_overall_difference": d}
+    assert "agrees with the paper's direction, but its 95% interval contains 0" in demo.comparison_html(summary(-0.021, 0.031))
+    clear = demo.comparison_html(summary(0.003, 0.057))
+    assert "agrees with the paper's direction." in clear and "contains 0" not in clear
