@@ -195,16 +195,21 @@ def test_shared_and_plain_sample_the_same_tokens_and_logprobs(fresh):
     assert (a - b)[mask.bool()].abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["full", "lora_vision"])
-def test_shared_prefix_gradient_equals_plain(fresh, mode):
-    """One vision pass and one prompt per image, packed with its K completions: the gradient reaching
-    every trainable weight, vision tower included, equals the K-times-repeated forward's."""
-    model, processor = fresh
+def make_trainable(model, mode):
+    """"full": every weight trains; "lora_vision": random LoRA adapters, the vision tower's included."""
     if mode == "full":
         model.requires_grad_(True)
     else:
         lora.add_lora(model, rank=4, alpha=8, vision=True)
         randomize_lora(model)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora_vision"])
+def test_shared_prefix_gradient_equals_plain(fresh, mode):
+    """One vision pass and one prompt per image, packed with its K completions: the gradient reaching
+    every trainable weight, vision tower included, equals the K-times-repeated forward's."""
+    model, processor = fresh
+    make_trainable(model, mode)
     images, K = random_images(2), 3
     tok = tokens_of(model, processor)
     p, ids, _ = sample(model, processor, images, K, T=8, force_length=True)
@@ -237,11 +242,7 @@ def test_shared_instruction_runs_once_with_the_plain_paths_logprobs_and_gradient
     and the gradient on every trainable weight equal the plain path's. Rows with left padding, or
     under gradient checkpointing, share nothing."""
     model, processor = fresh
-    if mode == "full":
-        model.requires_grad_(True)
-    else:
-        lora.add_lora(model, rank=4, alpha=8, vision=True)
-        randomize_lora(model)
+    make_trainable(model, mode)
     images, K, T = random_images(3, sizes=((56, 84),)), 3, 8
     tok = tokens_of(model, processor)
     p, ids, _ = sample(model, processor, images, K, T=T, force_length=True)
